@@ -1,0 +1,1 @@
+"""ivshmem: shared-memory peers with doorbells, and QEMU's ivshmem server protocol."""

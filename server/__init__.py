@@ -1,0 +1,1 @@
+"""The hub: the pure MSI-X capability model, the route table, and the trio server that owns them."""

@@ -1,0 +1,1 @@
+"""Fault-injection toolkit for users: fixtures, process faults, channel faults, resource faults."""
