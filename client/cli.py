@@ -15,7 +15,15 @@ from collections.abc import Sequence
 
 # (name, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("serve", "msixhub.server.serve", "run the hub in the foreground"),
+    ("spawn", "msixhub.devices.spawn", "run one device daemon in the foreground"),
+    ("status", "msixhub.server.status", "show a running hub's devices and vectors"),
     ("bench", "msixhub.bench.cli", "run a benchmark (ours against a bare baseline)"),
+    (
+        "ivshmem-server",
+        "msixhub.devices.ivshmem.server_cli",
+        "serve QEMU's ivshmem protocol (drop-in for QEMU's contrib ivshmem-server)",
+    ),
 )
 
 
