@@ -3,7 +3,9 @@
 Header, little-endian: magic ``b"MX"`` (2 bytes), flags (u8, must be 0), number of attached
 fds (u8), body length (u32). The fds of a frame travel with its first byte (one ``sendmsg``
 per frame), so by the time a frame is complete its fds have arrived: fewer is a protocol
-error, and fds left over once no frame can claim them are one too.
+error. One read brings the fds of at most one frame (the kernel ends a read after a message
+that carried fds), so whenever more bytes are needed, the fds waiting must all belong to
+the frame begun in the buffer; any more is a protocol error too.
 
 The decoder owns every fd it is given from the moment ``feed`` returns; each fd ends either
 handed out with its frame or closed by ``close()``. Nothing here does I/O.
@@ -63,7 +65,8 @@ class FrameDecoder:
         """The next complete frame, or None if more bytes are needed."""
         if self._header is None:
             if len(self._buffer) < HEADER.size:
-                self._check_surplus(claimable=0 if not self._buffer else MAX_FDS_LIMIT)
+                # A frame's fds come with its first byte: with no frame begun, none may wait.
+                self._check_surplus(claimable=self.max_fds if self._buffer else 0)
                 return None
             magic, flags, nfds, length = HEADER.unpack_from(self._buffer)
             if magic != MAGIC:
@@ -80,9 +83,9 @@ class FrameDecoder:
                 )
             self._header = (nfds, length)
         nfds, length = self._header
-        self._check_surplus(claimable=nfds)
         end = HEADER.size + length
         if len(self._buffer) < end:
+            self._check_surplus(claimable=nfds)
             return None
         if len(self._fds) < nfds:
             raise ProtocolError(f"frame declares {nfds} fds but {len(self._fds)} arrived with it")

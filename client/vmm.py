@@ -1,0 +1,415 @@
+"""The VMM client library: what a VMM embeds to use devices served by an msixhub hub.
+
+    async with connect("/tmp/msixhub.sock", name="vm0") as vm:
+        region, memory = await vm.add_memory(64 << 20)
+        blk = await vm.attach("blk0")
+        await blk.mmio_write(bar, offset, 4, value)
+        async for event in vm.events():      # Interrupt | Intx | DeviceEvent
+            ...
+
+The client keeps the guest's view of each device's MSI-X table and Message Control and does
+its half of the mask handoff (DESIGN.md): when a write masks a vector it stops reading that
+vector's eventfd *before* forwarding the write; when a write unmasks it resumes reading only
+*after* the hub acknowledged (by then the hub has stopped reading and written any pending
+interrupt into the eventfd). A count read from an eventfd is never dropped: events wait in a
+bounded queue, and a reader whose queue is full stops reading, so further notifications
+coalesce in the eventfd instead of being lost.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from msixhub.protocol.connection import Notice, Request
+from msixhub.protocol.errors import ErrorCode, MessageError
+from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read, eventfd_write, memfd
+from msixhub.protocol.messages import (
+    Attach,
+    Attached,
+    ClearIrqFd,
+    Detach,
+    DeviceInfo,
+    DeviceState,
+    Intx,
+    Irq,
+    MmioRead,
+    MmioWrite,
+    MsixControlRead,
+    MsixControlWrite,
+    Region,
+    SetIrqFd,
+    SetMemTable,
+    Value,
+)
+from msixhub.protocol.ops import Empty
+from msixhub.protocol.peer import Peer, connect_unix, open_peer
+from msixhub.protocol.schema import Message
+
+ENTRY_SIZE = 16
+MSIX_ENABLE = 1 << 15
+FUNCTION_MASK = 1 << 14
+EVENT_QUEUE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """An MSI-X interrupt: ``count`` device notifications coalesced into one message."""
+
+    device: str
+    vector: int
+    address: int
+    data: int
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class IntxEvent:
+    device: str
+    level: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    device: str
+    state: str  # "up" | "down"
+
+
+Event = Interrupt | IntxEvent | DeviceEvent
+
+
+class EventQueue:
+    """Bounded FIFO of events. ``put`` never blocks and never drops; producers that can wait
+    (eventfd readers) call ``wait_for_space`` before they read, so the bound holds."""
+
+    def __init__(self, limit: int = EVENT_QUEUE_LIMIT) -> None:
+        self.limit = limit
+        self._items: deque[Event] = deque()
+        self._readers = trio.lowlevel.ParkingLot()
+        self._writers = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, event: Event) -> None:
+        self._items.append(event)
+        self._readers.unpark()
+
+    async def wait_for_space(self) -> None:
+        while len(self._items) >= self.limit:
+            await self._writers.park()
+
+    async def get(self) -> Event:
+        while not self._items:
+            await self._readers.park()
+        event = self._items.popleft()
+        if len(self._items) < self.limit:
+            self._writers.unpark_all()
+        return event
+
+
+class AttachedDevice:
+    """A device attached to this VMM, with the guest's view of its MSI-X capability."""
+
+    def __init__(self, vm: VmmClient, info: DeviceInfo, kicks: list[OwnedFd]) -> None:
+        self.vm = vm
+        self.info = info
+        self.id = info.device
+        self.kicks = kicks
+        n = info.num_vectors
+        self._table = array.array("I", [0, 0, 0, 1] * n)  # guest view; reset: all masked
+        self.control = 0
+        self.irq_fds: dict[int, OwnedFd] = {}
+        self._readers: dict[int, trio.CancelScope] = {}
+        self.interrupts = array.array("Q", bytes(8 * n))  # interrupts delivered per vector
+        self.notifications = array.array("Q", bytes(8 * n))  # notifications they carried
+
+    # --- the guest's view --------------------------------------------------------------------
+
+    def is_masked(self, vector: int) -> bool:
+        return (
+            not self.control & MSIX_ENABLE
+            or bool(self.control & FUNCTION_MASK)
+            or bool(self._table[vector * 4 + 3] & 1)
+        )
+
+    def message(self, vector: int) -> tuple[int, int]:
+        base = vector * 4
+        return self._table[base] | self._table[base + 1] << 32, self._table[base + 2]
+
+    def _table_range(self, bar: int, offset: int) -> int | None:
+        layout = self.info.msix
+        rel = offset - layout.table_offset
+        if bar == layout.bar and 0 <= rel < self.info.num_vectors * ENTRY_SIZE:
+            return rel
+        return None
+
+    # --- guest accesses ----------------------------------------------------------------------
+
+    async def mmio_read(self, bar: int, offset: int, size: int) -> int:
+        reply = await self.vm.peer.call(MmioRead(self.id, bar, offset, size))
+        assert isinstance(reply, Value)
+        return reply.value
+
+    async def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        rel = self._table_range(bar, offset)
+        if rel is None or rel % size or size not in (4, 8):
+            await self.vm.peer.call(MmioWrite(self.id, bar, offset, size, value))
+            return
+        vector, word = divmod(rel, ENTRY_SIZE)
+        words = [(word // 4, value & 0xFFFF_FFFF)]
+        if size == 8:
+            words.append((word // 4 + 1, value >> 32))
+        await self._change_view(
+            [vector],
+            lambda: self._store(vector, words),
+            MmioWrite(self.id, bar, offset, size, value),
+        )
+
+    def _store(self, vector: int, words: list[tuple[int, int]]) -> None:
+        for index, word_value in words:
+            # Message Address bits 1:0 are reserved (DWORD-aligned), as the hub's model has it.
+            self._table[vector * 4 + index] = word_value & ~3 if index == 0 else word_value
+
+    async def msix_control_read(self) -> int:
+        reply = await self.vm.peer.call(MsixControlRead(self.id))
+        assert isinstance(reply, Value)
+        return reply.value
+
+    async def msix_control_write(self, value: int) -> None:
+        def store() -> None:
+            self.control = value & (MSIX_ENABLE | FUNCTION_MASK)
+
+        await self._change_view(
+            range(self.info.num_vectors), store, MsixControlWrite(self.id, value)
+        )
+
+    async def _change_view(self, vectors: range | list[int], store: object, write: Message) -> None:
+        """Apply a guest write with the VMM's half of the mask handoff."""
+        before = {v: self.is_masked(v) for v in vectors}
+        saved_table, saved_control = self._table[:], self.control
+        store()  # type: ignore[operator]
+        for vector in vectors:
+            if self.is_masked(vector) and not before[vector]:
+                self._stop_reading(vector)  # at once, before the hub takes over
+        try:
+            await self.vm.peer.call(write)
+        except BaseException:
+            self._table, self.control = saved_table, saved_control
+            for vector in vectors:
+                if not self.is_masked(vector):
+                    self._start_reading(vector)
+            raise
+        for vector in vectors:
+            if before[vector] and not self.is_masked(vector):
+                self._start_reading(vector)  # after the ack: the hub has let go
+
+    def kick(self, queue: int) -> None:
+        """Notify ``queue`` (the ioeventfd write a VMM does on the guest's notify access)."""
+        eventfd_write(self.kicks[queue].fileno())
+
+    # --- interrupt channels ------------------------------------------------------------------
+
+    def _set_irq_fd(self, vector: int, fd: OwnedFd) -> None:
+        self._clear_irq_fd(vector)
+        self.irq_fds[vector] = fd
+        if not self.is_masked(vector):
+            self._start_reading(vector)
+
+    def _clear_irq_fd(self, vector: int) -> None:
+        self._stop_reading(vector)
+        fd = self.irq_fds.pop(vector, None)
+        if fd is None:
+            return
+        if not self.is_masked(vector):
+            self._take(vector, eventfd_read(fd.fileno()))
+        trio.lowlevel.notify_closing(fd.fileno())
+        fd.close()
+
+    def _start_reading(self, vector: int) -> None:
+        fd = self.irq_fds.get(vector)
+        if fd is None or vector in self._readers:
+            return
+        scope = self._readers[vector] = trio.CancelScope()
+        self.vm.nursery.start_soon(self._read, vector, fd, scope)
+
+    def _stop_reading(self, vector: int) -> None:
+        scope = self._readers.pop(vector, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _read(self, vector: int, fd: OwnedFd, scope: trio.CancelScope) -> None:
+        queue = self.vm.queue
+        with scope:
+            try:
+                while not fd.closed:
+                    await queue.wait_for_space()
+                    await trio.lowlevel.wait_readable(fd.fileno())
+                    if not scope.cancel_called:
+                        self._take(vector, eventfd_read(fd.fileno()))
+            except trio.ClosedResourceError:
+                return
+
+    def _take(self, vector: int, count: int) -> None:
+        if count:
+            self.interrupts[vector] += 1
+            self.notifications[vector] += count
+            address, data = self.message(vector)
+            self.vm.queue.put(Interrupt(self.id, vector, address, data, count))
+
+    def close(self) -> None:
+        for vector in list(self.irq_fds):
+            self._stop_reading(vector)
+            fd = self.irq_fds.pop(vector)
+            trio.lowlevel.notify_closing(fd.fileno())
+            fd.close()
+        close_all(self.kicks)
+
+
+class VmmClient:
+    def __init__(self, peer: Peer, nursery: trio.Nursery) -> None:
+        self.peer = peer
+        self.nursery = nursery
+        self.queue = EventQueue()
+        self.devices: dict[str, AttachedDevice] = {}
+        self._attaching: dict[str, list[tuple[int, OwnedFd]]] = {}
+        self.regions: list[Region] = []
+        self.memory: list[OwnedFd] = []
+
+    # --- memory ------------------------------------------------------------------------------
+
+    async def add_memory(
+        self, size: int, *, gpa: int | None = None, hugetlb: bool = False
+    ) -> tuple[Region, OwnedFd]:
+        """Create guest RAM (a memfd) at ``gpa`` (default: after the last region) and tell the
+        hub, which hands it to every attached device before this returns. The fd stays ours."""
+        if gpa is None:
+            gpa = max((r.gpa + r.size for r in self.regions), default=0)
+        fd = memfd(size, f"guest-ram@{gpa:#x}", hugetlb=hugetlb)
+        region = Region(gpa, size, 0)
+        try:
+            await self._set_table([*self.regions, region], [*self.memory, fd])
+        except BaseException:
+            fd.close()
+            raise
+        self.regions.append(region)
+        self.memory.append(fd)
+        return region, fd
+
+    async def remove_memory(self, gpa: int) -> None:
+        index = next((i for i, r in enumerate(self.regions) if r.gpa == gpa), None)
+        if index is None:
+            raise MessageError(ErrorCode.NOT_FOUND, f"no memory region at {gpa:#x}")
+        regions = self.regions[:index] + self.regions[index + 1 :]
+        fds = self.memory[:index] + self.memory[index + 1 :]
+        await self._set_table(regions, fds)
+        self.regions = regions
+        self.memory.pop(index).close()
+
+    async def _set_table(self, regions: list[Region], fds: list[OwnedFd]) -> None:
+        await self.peer.call(SetMemTable(regions), [fd.fileno() for fd in fds])
+
+    # --- devices -----------------------------------------------------------------------------
+
+    async def attach(self, device_id: str) -> AttachedDevice:
+        self._attaching[device_id] = []
+        try:
+            reply, kicks = await self.peer.request(Attach(device_id))
+            assert isinstance(reply, Attached)
+            device = AttachedDevice(self, reply.info, kicks)
+            self.devices[device_id] = device
+            for vector, fd in self._attaching.pop(device_id):
+                device._set_irq_fd(vector, fd)
+            return device
+        finally:
+            close_all([fd for _, fd in self._attaching.pop(device_id, [])])
+
+    async def detach(self, device_id: str) -> None:
+        device = self.devices.pop(device_id)
+        try:
+            await self.peer.call(Detach(device_id))
+        finally:
+            device.close()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Interrupts, INTx level changes and device up/down events, in arrival order."""
+        while True:
+            yield await self.queue.get()
+
+    async def next_event(self) -> Event:
+        return await self.queue.get()
+
+    # --- what the hub tells us ---------------------------------------------------------------
+
+    async def _on_request(self, peer: Peer, request: Request) -> Message:
+        body = request.body
+        if isinstance(body, SetIrqFd | ClearIrqFd):
+            device = self.devices.get(body.device)
+            if isinstance(body, SetIrqFd):
+                fd = OwnedFd(request.fds[0].detach(), f"irq-{body.device}-{body.vector}")
+                if device is not None:
+                    device._set_irq_fd(body.vector, fd)
+                elif body.device in self._attaching:
+                    self._attaching[body.device].append((body.vector, fd))
+                else:
+                    fd.close()
+            elif device is not None:
+                device._clear_irq_fd(body.vector)
+            return Empty()
+        raise MessageError(ErrorCode.UNKNOWN_OP, f"a VMM does not serve {request.op}")
+
+    async def _on_notice(self, peer: Peer, notice: Notice) -> None:
+        body = notice.body
+        if isinstance(body, Irq):
+            device = self.devices.get(body.device)
+            if device is not None:
+                device.interrupts[body.vector] += 1
+                device.notifications[body.vector] += 1
+            self.queue.put(Interrupt(body.device, body.vector, body.address, body.data))
+        elif isinstance(body, Intx):
+            self.queue.put(IntxEvent(body.device, body.level))
+        elif isinstance(body, DeviceState):
+            self.queue.put(DeviceEvent(body.device, body.state))
+
+    def close(self) -> None:
+        for device in self.devices.values():
+            device.close()
+        self.devices.clear()
+        close_all(self.memory)
+
+
+@asynccontextmanager
+async def connect(
+    path: str, *, name: str = "", request_timeout: float = 10.0
+) -> AsyncIterator[VmmClient]:
+    """Connect to the hub at ``path`` as a VMM; everything is closed when the block ends."""
+    transport = await connect_unix(path)
+    async with trio.open_nursery() as nursery:
+        holder: list[VmmClient] = []
+
+        async def on_request(peer: Peer, request: Request) -> Message:
+            return await holder[0]._on_request(peer, request)
+
+        async def on_notice(peer: Peer, notice: Notice) -> None:
+            await holder[0]._on_notice(peer, notice)
+
+        async with open_peer(
+            transport,
+            "vmm",
+            name=name or f"vmm{os.getpid()}",
+            on_request=on_request,
+            on_notice=on_notice,
+            request_timeout=request_timeout,
+        ) as peer:
+            vm = VmmClient(peer, nursery)
+            holder.append(vm)
+            try:
+                yield vm
+            finally:
+                vm.close()
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,625 @@
+"""The hub: owns every device's MSI-X capability, the shared route table, the vector and kick
+channels, and the memory tables; registers device daemons and VMM clients.
+
+Concurrency rules (each a reason, not a habit):
+* Control operations that change MSI-X or route state run under one lock, in request tasks,
+  so a handler may await the device's or the VMM's answer while holding it.
+* Notices (``notify``, ``set_intx``) and the hub's masked-vector readers never take the lock:
+  they run synchronously against the model. Route changes they cause are applied by the route
+  worker, which takes the lock. (A notice handler that waited for the lock could deadlock:
+  the lock holder may be waiting for a reply queued behind that very notice.)
+* Frames to a VMM that the hub originates (direct-path interrupts, INTx, device state) go
+  through a bounded outbox; a VMM that lets it fill is disconnected rather than blocking us.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+from msixhub.protocol.connection import Notice, Request
+from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError, RemoteError
+from msixhub.protocol.fds import OwnedFd, close_all, eventfd, memfd
+from msixhub.protocol.messages import (
+    Attached,
+    BarRead,
+    BarWrite,
+    ClearCallFd,
+    ClearIrqFd,
+    DeviceInfo,
+    DeviceState,
+    Intx,
+    Irq,
+    MmioRead,
+    MmioWrite,
+    MsixControlWrite,
+    Notify,
+    Region,
+    Registered,
+    SetCallFd,
+    SetIntx,
+    SetIrqFd,
+    SetKickFd,
+    SetMemTable,
+    StatusReport,
+    Value,
+)
+from msixhub.protocol.ops import Empty
+from msixhub.protocol.peer import Peer
+from msixhub.protocol.schema import Message, Opaque
+from msixhub.server.channels import VectorChannels
+from msixhub.server.msix import (
+    ENTRY_SIZE,
+    Delivery,
+    MsixCapability,
+    Outcome,
+    Transition,
+)
+from msixhub.server.routes import NoRouteError, RouteTable
+from msixhub.server.status import build_report
+
+log = logging.getLogger("msixhub.hub")
+
+FUNCTION_MASK = 1 << 14
+DEVICE_WAIT = 5.0  # how long a guest access waits for a restarting daemon
+OUTBOX_SIZE = 4096
+
+
+@dataclass(eq=False)
+class Vmm:
+    peer: Peer
+    name: str
+    outbox: trio.MemorySendChannel[Message]
+    regions: list[Region] = field(default_factory=list)
+    memory: list[OwnedFd] = field(default_factory=list)
+    devices: dict[str, Device] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Device:
+    info: DeviceInfo
+    msix: MsixCapability
+    channels: VectorChannels
+    kicks: list[OwnedFd]
+    inflight: OwnedFd | None
+    peer: Peer | None = None
+    pid: int | None = None
+    up: trio.Event = field(default_factory=trio.Event)
+    vmm: Vmm | None = None
+    intx_level: bool = False
+    registrations: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.info.device
+
+    def msix_region(self, bar: int, offset: int, size: int) -> str | None:
+        """'table', 'pba' or None (a device register) for a guest access."""
+        layout = self.info.msix
+        if bar != layout.bar:
+            return None
+        table_end = layout.table_offset + self.msix.num_vectors * ENTRY_SIZE
+        if layout.table_offset <= offset < table_end:
+            return "table"
+        pba_end = layout.pba_offset + ((self.msix.num_vectors + 63) // 64) * 8
+        if layout.pba_offset <= offset < pba_end:
+            return "pba"
+        return None
+
+
+class Hub:
+    def __init__(self, routes: RouteTable, nursery: trio.Nursery) -> None:
+        self.routes = routes
+        self._nursery = nursery
+        self.devices: dict[str, Device] = {}
+        self.vmms: dict[Peer, Vmm] = {}
+        self._device_of: dict[Peer, Device] = {}
+        self.lock = trio.Lock()
+        self._route_work = trio.Event()
+        self.started = trio.current_time()
+        nursery.start_soon(self._route_worker)
+
+    # --- connections -----------------------------------------------------------------------
+
+    async def serve_peer(self, peer: Peer) -> None:
+        """Serve one handshaken connection until it closes, then forget it."""
+        role = peer.peer_hello.role
+        peer.on_request = self._on_request
+        peer.on_notice = self._on_notice
+        if role == "vmm":
+            send, receive = trio.open_memory_channel[Message](OUTBOX_SIZE)
+            vmm = Vmm(peer, peer.peer_hello.name or peer.log.name, send)
+            self.vmms[peer] = vmm
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drain_outbox, vmm, receive)
+                try:
+                    await peer.serve()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await self._vmm_gone(vmm)
+        else:
+            try:
+                await peer.serve()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._device_gone(peer)
+
+    async def _drain_outbox(self, vmm: Vmm, receive: trio.MemoryReceiveChannel[Message]) -> None:
+        with receive:
+            async for message in receive:
+                try:
+                    await vmm.peer.notify(message)
+                except ConnectionClosed:
+                    return
+
+    def _post(self, vmm: Vmm | None, message: Message) -> None:
+        if vmm is None or not vmm.peer.is_open:
+            return
+        try:
+            vmm.outbox.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("VMM %s is not reading its interrupts; disconnecting it", vmm.name)
+            self._nursery.start_soon(vmm.peer.aclose, "outbox full: VMM stopped reading")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _on_request(
+        self, peer: Peer, request: Request
+    ) -> Message | tuple[Message, list[OwnedFd]]:
+        role = peer.peer_hello.role
+        handler = _HANDLERS.get((role, request.op)) or _HANDLERS.get(("any", request.op))
+        if handler is None:
+            raise MessageError(
+                ErrorCode.UNKNOWN_OP, f"{request.op} is not an operation for a {role}"
+            )
+        return await handler(self, peer, request)
+
+    async def _on_notice(self, peer: Peer, notice: Notice) -> None:
+        device = self._device_of.get(peer)
+        if device is None:
+            raise MessageError(ErrorCode.BAD_STATE, f"{notice.op} before register_device")
+        body = notice.body
+        if isinstance(body, Notify):
+            self._check_vector(device, body.vector)
+            self._handle_outcome(device, body.vector, device.msix.notify(body.vector))
+            self._wake_route_worker()
+        elif isinstance(body, SetIntx):
+            self._set_intx(device, body.level)
+
+    # --- the interrupt path (synchronous: never awaits) ------------------------------------
+
+    def _on_counts(self, device: Device, vector: int, count: int) -> None:
+        """Counts read from a vector's eventfd by the hub (the vector was masked)."""
+        notify = device.msix.notify
+        for _ in range(count):
+            self._handle_outcome(device, vector, notify(vector))
+        self._wake_route_worker()
+
+    def _handle_outcome(self, device: Device, vector: int, outcome: Delivery | Outcome) -> None:
+        if isinstance(outcome, Delivery):
+            self._deliver(device, outcome)
+        elif outcome is Outcome.INTX:
+            self._set_intx(device, True)
+
+    def _deliver(self, device: Device, delivery: Delivery) -> None:
+        if delivery.route >= 0 and delivery.vector in device.channels.fds:
+            device.channels.signal(delivery.vector)  # the VMM reads it (after our ack)
+        else:
+            self._post(device.vmm, Irq(device.id, delivery.vector, delivery.address, delivery.data))
+
+    def _set_intx(self, device: Device, level: bool) -> None:
+        if device.intx_level != level:
+            device.intx_level = level
+            self._post(device.vmm, Intx(device.id, level))
+
+    async def _apply_transition(self, device: Device, transition: Transition) -> None:
+        channels = device.channels
+        for vector in transition.masked:
+            channels.start_reading(vector)
+        for vector in transition.unmasked:
+            channels.stop_reading(vector)
+        for delivery in transition.deliveries:
+            self._deliver(device, delivery)
+        await self._apply_route_changes()
+
+    # --- routes ----------------------------------------------------------------------------
+
+    def _wake_route_worker(self) -> None:
+        if self.routes.has_changes:
+            self._route_work.set()
+
+    async def _route_worker(self) -> None:
+        while True:
+            await self._route_work.wait()
+            self._route_work = trio.Event()
+            async with self.lock:
+                await self._apply_route_changes()
+
+    async def _apply_route_changes(self) -> None:
+        """Open or close the eventfd of every route acquired or released since the last call."""
+        while changes := self.routes.drain_changes():
+            for change in changes:
+                device = self.devices.get(change.owner)
+                if device is None:
+                    continue
+                if change.acquired:
+                    await self._open_channel(device, change.vector)
+                else:
+                    await self._close_channel(device, change.vector)
+
+    async def _open_channel(self, device: Device, vector: int) -> None:
+        fd = device.channels.open(vector)
+        await self._tell_device(device, SetCallFd(vector), [fd])
+        if device.vmm is not None:
+            await self._tell_vmm(device.vmm, SetIrqFd(device.id, vector), [fd])
+        if device.msix.is_masked(vector):
+            device.channels.start_reading(vector)
+
+    async def _close_channel(self, device: Device, vector: int) -> None:
+        # Device first: once it has answered, nobody writes the eventfd any more.
+        await self._tell_device(device, ClearCallFd(vector))
+        device.channels.stop_reading(vector)
+        if device.vmm is not None:
+            await self._tell_vmm(device.vmm, ClearIrqFd(device.id, vector))
+        device.channels.close(vector)
+
+    async def _tell_device(
+        self, device: Device, body: Message, fds: Iterable[OwnedFd] = ()
+    ) -> None:
+        if device.peer is None:
+            return  # it gets the whole state when it registers again
+        try:
+            await device.peer.call(body, [fd.fileno() for fd in fds])
+        except (RemoteError, ConnectionClosed, trio.TooSlowError) as exc:
+            log.warning("device %s did not take %s: %s", device.id, type(body).__name__, exc)
+
+    async def _tell_vmm(self, vmm: Vmm, body: Message, fds: Iterable[OwnedFd] = ()) -> None:
+        try:
+            await vmm.peer.call(body, [fd.fileno() for fd in fds])
+        except (RemoteError, ConnectionClosed, trio.TooSlowError) as exc:
+            log.warning("VMM %s did not take %s: %s", vmm.name, type(body).__name__, exc)
+
+    # --- device daemons --------------------------------------------------------------------
+
+    async def register_device(self, peer: Peer, request: Request) -> tuple[Message, list[OwnedFd]]:
+        info = request.body.info  # type: ignore[attr-defined]
+        _check_layout(info)
+        async with self.lock:
+            if peer in self._device_of:
+                raise MessageError(
+                    ErrorCode.BAD_STATE, "this connection already registered a device"
+                )
+            device = self.devices.get(info.device)
+            restarted = device is not None
+            if device is None:
+                device = self._create_device(info)
+            elif device.peer is not None:
+                raise MessageError(
+                    ErrorCode.CONFLICT, f"device {info.device!r} is already registered and running"
+                )
+            elif not _same_device(device.info, info):
+                raise MessageError(
+                    ErrorCode.CONFLICT, f"device {info.device!r} came back with a different layout"
+                )
+            device.peer = peer
+            device.pid = _peer_pid(peer)
+            device.registrations += 1
+            self._device_of[peer] = device
+            await self._push_device_state(device)
+            device.up.set()
+            self._post(device.vmm, DeviceState(device.id, "up"))
+        log.info(
+            "device %s (%s) %s",
+            info.device,
+            info.kind,
+            "re-registered" if restarted else "registered",
+        )
+        reply = Registered(restarted=restarted, has_inflight=device.inflight is not None)
+        return reply, [device.inflight] if device.inflight is not None else []
+
+    def _create_device(self, info: DeviceInfo) -> Device:
+        msix = MsixCapability(info.num_vectors, self.routes, owner=info.device, has_intx=info.intx)
+        holder: list[Device] = []
+        channels = VectorChannels(self._nursery, lambda v, n: self._on_counts(holder[0], v, n))
+        kicks = [eventfd() for _ in range(info.num_queues)]
+        inflight = (
+            memfd(info.inflight_size, f"inflight-{info.device}") if info.inflight_size else None
+        )
+        device = Device(info, msix, channels, kicks, inflight)
+        holder.append(device)
+        self.devices[info.device] = device
+        return device
+
+    async def _push_device_state(self, device: Device) -> None:
+        """Everything a (re)started daemon needs: memory, call fds, kick fds."""
+        if device.vmm is not None and device.vmm.regions:
+            await self._tell_device(device, SetMemTable(device.vmm.regions), device.vmm.memory)
+        for vector, fd in sorted(device.channels.fds.items()):
+            await self._tell_device(device, SetCallFd(vector), [fd])
+        for queue, fd in enumerate(device.kicks):
+            await self._tell_device(device, SetKickFd(queue), [fd])
+
+    async def _device_gone(self, peer: Peer) -> None:
+        device = self._device_of.pop(peer, None)
+        if device is None:
+            return
+        device.peer = None
+        device.pid = None
+        device.up = trio.Event()
+        log.warning(
+            "device %s went away (%s); its MSI-X state is kept", device.id, peer.close_reason
+        )
+        self._post(device.vmm, DeviceState(device.id, "down"))
+
+    def _device_for(self, peer: Peer) -> Device:
+        device = self._device_of.get(peer)
+        if device is None:
+            raise MessageError(ErrorCode.BAD_STATE, "register_device first")
+        return device
+
+    @staticmethod
+    def _check_vector(device: Device, vector: int) -> None:
+        if vector >= device.msix.num_vectors:
+            raise MessageError(
+                ErrorCode.BAD_RANGE,
+                f"vector {vector} is past the table of {device.msix.num_vectors}",
+            )
+
+    async def use(self, peer: Peer, request: Request) -> Message:
+        device = self._device_for(peer)
+        vector = request.body.vector  # type: ignore[attr-defined]
+        self._check_vector(device, vector)
+        async with self.lock:
+            try:
+                device.msix.use(vector)
+            except NoRouteError as exc:
+                raise MessageError(ErrorCode.NO_ROUTE, str(exc)) from None
+            await self._apply_route_changes()
+        return Empty()
+
+    async def unuse(self, peer: Peer, request: Request) -> Message:
+        device = self._device_for(peer)
+        vector = request.body.vector  # type: ignore[attr-defined]
+        self._check_vector(device, vector)
+        async with self.lock:
+            device.channels.drain(vector)
+            device.msix.unuse(vector)
+            await self._apply_route_changes()
+        return Empty()
+
+    async def deassert(self, peer: Peer, request: Request) -> Message:
+        device = self._device_for(peer)
+        vector = request.body.vector  # type: ignore[attr-defined]
+        self._check_vector(device, vector)
+        device.channels.drain(vector)  # earlier notifications become pending, then are cleared
+        device.msix.deassert(vector)
+        return Empty()
+
+    # --- VMM clients -----------------------------------------------------------------------
+
+    def _vmm_of(self, peer: Peer) -> Vmm:
+        return self.vmms[peer]
+
+    def _owned_device(self, peer: Peer, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise MessageError(ErrorCode.NOT_FOUND, f"no device {device_id!r}")
+        if device.vmm is not self.vmms.get(peer):
+            raise MessageError(
+                ErrorCode.BAD_STATE, f"device {device_id!r} is not attached to this VMM"
+            )
+        return device
+
+    async def attach(self, peer: Peer, request: Request) -> tuple[Message, list[OwnedFd]]:
+        vmm = self._vmm_of(peer)
+        device_id = request.body.device  # type: ignore[attr-defined]
+        async with self.lock:
+            device = self.devices.get(device_id)
+            if device is None:
+                raise MessageError(ErrorCode.NOT_FOUND, f"no device {device_id!r}")
+            if device.vmm is not None:
+                owner = "this VMM" if device.vmm is vmm else f"VMM {device.vmm.name!r}"
+                raise MessageError(
+                    ErrorCode.CONFLICT, f"device {device_id!r} is attached to {owner}"
+                )
+            device.vmm = vmm
+            vmm.devices[device_id] = device
+            for vector, fd in sorted(device.channels.fds.items()):
+                await self._tell_vmm(vmm, SetIrqFd(device_id, vector), [fd])
+            if vmm.regions:
+                await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
+        return Attached(device.info), list(device.kicks)
+
+    async def detach(self, peer: Peer, request: Request) -> Message:
+        device = self._owned_device(peer, request.body.device)  # type: ignore[attr-defined]
+        async with self.lock:
+            await self._release(device)
+        return Empty()
+
+    async def _release(self, device: Device) -> None:
+        """The VMM lets go: mask the function (pending bits accumulate for the next VMM)."""
+        vmm = device.vmm
+        if vmm is not None:
+            vmm.devices.pop(device.id, None)
+        device.vmm = None
+        device.channels.drain_all()
+        transition = device.msix.write_control(device.msix.control | FUNCTION_MASK)
+        await self._apply_transition(device, transition)
+        await self._tell_device(device, SetMemTable([]))
+
+    async def _vmm_gone(self, vmm: Vmm) -> None:
+        self.vmms.pop(vmm.peer, None)
+        vmm.outbox.close()
+        async with self.lock:
+            for device in list(vmm.devices.values()):
+                await self._release(device)
+        close_all(vmm.memory)
+
+    async def set_mem_table(self, peer: Peer, request: Request) -> Message:
+        vmm = self._vmm_of(peer)
+        regions: list[Region] = request.body.regions  # type: ignore[attr-defined]
+        _check_regions(regions, request.fds)
+        async with self.lock:
+            old = vmm.memory
+            vmm.regions = list(regions)
+            vmm.memory = [OwnedFd(fd.detach(), "guest-memory") for fd in request.fds]
+            for device in vmm.devices.values():
+                await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
+            close_all(old)
+        return Empty()
+
+    async def mmio_read(self, peer: Peer, request: Request) -> Message:
+        body: MmioRead = request.body  # type: ignore[assignment]
+        device = self._owned_device(peer, body.device)
+        region = device.msix_region(body.bar, body.offset, body.size)
+        layout = device.info.msix
+        if region == "table":
+            return Value(device.msix.table_read(body.offset - layout.table_offset, body.size))
+        if region == "pba":
+            device.channels.drain_all()  # a PBA read must see counts still in the eventfds
+            return Value(device.msix.pba_read(body.offset - layout.pba_offset, body.size))
+        reply = await self._forward(device, BarRead(body.bar, body.offset, body.size))
+        return reply
+
+    async def mmio_write(self, peer: Peer, request: Request) -> Message:
+        body: MmioWrite = request.body  # type: ignore[assignment]
+        device = self._owned_device(peer, body.device)
+        region = device.msix_region(body.bar, body.offset, body.size)
+        layout = device.info.msix
+        if region == "table":
+            offset = body.offset - layout.table_offset
+            async with self.lock:
+                device.channels.drain(
+                    offset // ENTRY_SIZE
+                )  # counts become pending before an unmask
+                transition = device.msix.table_write(offset, body.size, body.value)
+                await self._apply_transition(device, transition)
+            return Empty()
+        if region == "pba":
+            device.msix.pba_write(body.offset - layout.pba_offset, body.size, body.value)
+            return Empty()
+        await self._forward(device, BarWrite(body.bar, body.offset, body.size, body.value))
+        return Empty()
+
+    async def _forward(self, device: Device, body: Message) -> Message:
+        """A guest register access, answered by the daemon (waiting a little if it restarts)."""
+        with trio.move_on_after(DEVICE_WAIT):
+            await device.up.wait()
+        if device.peer is None:
+            raise MessageError(ErrorCode.BAD_STATE, f"device {device.id!r} has no running daemon")
+        return await device.peer.call(body)
+
+    async def msix_control_read(self, peer: Peer, request: Request) -> Message:
+        device = self._owned_device(peer, request.body.device)  # type: ignore[attr-defined]
+        return Value(device.msix.control)
+
+    async def msix_control_write(self, peer: Peer, request: Request) -> Message:
+        body: MsixControlWrite = request.body  # type: ignore[assignment]
+        device = self._owned_device(peer, body.device)
+        async with self.lock:
+            device.channels.drain_all()
+            await self._apply_transition(device, device.msix.write_control(body.value))
+        return Empty()
+
+    # --- status ----------------------------------------------------------------------------
+
+    async def status(self, peer: Peer, request: Request) -> Message:
+        return StatusReport(Opaque(self.report()))
+
+    def report(self) -> dict[str, object]:
+        return build_report(self)
+
+    async def aclose(self) -> None:
+        """Close every fd the hub owns (each exactly once)."""
+        for device in self.devices.values():
+            device.channels.close_all()
+            device.msix.release()
+            close_all(device.kicks)
+            if device.inflight is not None:
+                device.inflight.close()
+        for vmm in self.vmms.values():
+            close_all(vmm.memory)
+
+
+def _check_layout(info: DeviceInfo) -> None:
+    bars = {bar.index: bar.size for bar in info.bars}
+    if len(bars) != len(info.bars):
+        raise MessageError(ErrorCode.BAD_FIELD, "a BAR is listed twice")
+    layout = info.msix
+    if layout.bar not in bars:
+        raise MessageError(ErrorCode.BAD_FIELD, f"MSI-X BAR {layout.bar} is not among the BARs")
+    table = (layout.table_offset, info.num_vectors * ENTRY_SIZE)
+    pba = (layout.pba_offset, ((info.num_vectors + 63) // 64) * 8)
+    for what, (start, length) in (("table", table), ("PBA", pba)):
+        if start % 8 or start + length > bars[layout.bar]:
+            raise MessageError(
+                ErrorCode.BAD_RANGE, f"MSI-X {what} does not fit BAR {layout.bar} aligned"
+            )
+    if table[0] < pba[0] + pba[1] and pba[0] < table[0] + table[1]:
+        raise MessageError(ErrorCode.BAD_RANGE, "MSI-X table and PBA overlap")
+
+
+def _same_device(old: DeviceInfo, new: DeviceInfo) -> bool:
+    return (old.kind, old.num_vectors, old.num_queues, old.msix, old.intx) == (
+        new.kind,
+        new.num_vectors,
+        new.num_queues,
+        new.msix,
+        new.intx,
+    )
+
+
+def _check_regions(regions: list[Region], fds: list[OwnedFd]) -> None:
+    spans = sorted((r.gpa, r.gpa + r.size) for r in regions)
+    for region, fd in zip(regions, fds, strict=True):
+        if region.size == 0:
+            raise MessageError(ErrorCode.BAD_RANGE, f"region at {region.gpa:#x} has size 0")
+        if region.gpa + region.size > 1 << 64:
+            raise MessageError(
+                ErrorCode.BAD_RANGE, f"region at {region.gpa:#x} wraps the address space"
+            )
+        info = os.fstat(fd.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise MessageError(
+                ErrorCode.BAD_FIELD, "guest memory must be a memfd or a regular file"
+            )
+        if region.offset + region.size > info.st_size:
+            raise MessageError(
+                ErrorCode.BAD_RANGE,
+                f"region at {region.gpa:#x} needs {region.offset + region.size} bytes, its fd has {info.st_size}",
+            )
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        if start < end:
+            raise MessageError(ErrorCode.BAD_RANGE, f"memory regions overlap at {start:#x}")
+
+
+def _peer_pid(peer: Peer) -> int | None:
+    credentials = peer.transport.peer_credentials()
+    return credentials[0] if credentials else None
+
+
+_HANDLERS = {
+    ("device", "register_device"): Hub.register_device,
+    ("device", "use"): Hub.use,
+    ("device", "unuse"): Hub.unuse,
+    ("device", "deassert"): Hub.deassert,
+    ("vmm", "attach"): Hub.attach,
+    ("vmm", "detach"): Hub.detach,
+    ("vmm", "set_mem_table"): Hub.set_mem_table,
+    ("vmm", "mmio_read"): Hub.mmio_read,
+    ("vmm", "mmio_write"): Hub.mmio_write,
+    ("vmm", "msix_control_read"): Hub.msix_control_read,
+    ("vmm", "msix_control_write"): Hub.msix_control_write,
+    ("any", "status"): Hub.status,
+    ("any", "ping"): lambda hub, peer, request: _empty(),
+}
+
+
+async def _empty() -> Message:
+    return Empty()
