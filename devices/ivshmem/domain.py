@@ -60,8 +60,11 @@ class DomainFull(MessageError):
 
 
 class UnknownPeer(MessageError):
-    """No peer (or no domain) by that id (or name)."""
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.NOT_FOUND, message)
 
+
+class UnknownDomain(MessageError):
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.NOT_FOUND, message)
 
@@ -322,7 +325,7 @@ class IvshmemDomains:
     def close(self, name: str) -> None:
         domain = self._domains.pop(name, None)
         if domain is None:
-            raise UnknownPeer(f"no ivshmem domain {name!r}")
+            raise UnknownDomain(f"no ivshmem domain {name!r}")
         domain.close()
 
     def close_all(self) -> None:

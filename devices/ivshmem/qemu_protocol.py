@@ -125,6 +125,7 @@ class PeerOutbox:
         if self.backlog + len(messages) > self._max_backlog:
             self.failure = f"backlog over {self._max_backlog} messages"
             self._queue.clear()
+            self._greeting_left = 0
             return
         self._queue.extend(messages)
 
@@ -283,8 +284,9 @@ class ClientDecoder:
                 fds = self._fds.pop(self._decoded, [])
                 self._decoded += MESSAGE_SIZE
                 if len(fds) > 1:
+                    count = len(fds)
                     close_all(fds)
-                    raise ProtocolError(f"message {value} came with {len(fds)} fds, not 1")
+                    raise ProtocolError(f"message {value} came with {count} fds, not 1")
                 event = self._event(value, fds[0] if fds else None)
                 if event is not None:
                     return event

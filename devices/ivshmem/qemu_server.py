@@ -106,10 +106,14 @@ class _Connection:
         self.outbox = PeerOutbox(max_backlog)
         self._send_timeout = send_timeout
         self._wake = trio.Event()
+        self._scope = trio.CancelScope()
 
     def announce(self, event: Announcement) -> None:
-        """``PeerSink``: queue for the writer, never block, never raise."""
+        """``PeerSink``: queue for the writer, never block, never raise. A backlog over the
+        bound ends the connection at once, even if the writer is blocked in a send."""
         self.outbox.announce(event)
+        if self.outbox.failure is not None:
+            self._scope.cancel()
         self._wake.set()
 
     async def run(self) -> str:
@@ -119,12 +123,13 @@ class _Connection:
         async def until_done(part: Callable[[], Awaitable[str]]) -> None:
             nonlocal reason
             reason = await part()
-            nursery.cancel_scope.cancel()
+            self._scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(until_done, self._read)
-            nursery.start_soon(until_done, self._write)
-        return reason
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_done, self._read)
+                nursery.start_soon(until_done, self._write)
+        return self.outbox.failure or reason
 
     async def _read(self) -> str:
         try:
