@@ -60,7 +60,7 @@ from msixhub.server.msix import (
     Outcome,
     Transition,
 )
-from msixhub.server.routes import NoRouteError, RouteTable
+from msixhub.server.routes import NoRouteError, RouteChange, RouteTable
 from msixhub.server.status import build_report
 
 log = logging.getLogger("msixhub.hub")
@@ -121,6 +121,7 @@ class Hub:
         self._device_of: dict[Peer, Device] = {}
         self.lock = trio.Lock()
         self._route_work = trio.Event()
+        self._route_changes: list[RouteChange] = []  # drained from the table, not yet applied
         self.started = trio.current_time()
         nursery.start_soon(self._route_worker)
 
@@ -231,7 +232,9 @@ class Hub:
     # --- routes ----------------------------------------------------------------------------
 
     def _wake_route_worker(self) -> None:
-        if self.routes.has_changes:
+        # The table hands changes over only by draining: keep them, in order, for the worker.
+        if changes := self.routes.drain_changes():
+            self._route_changes.extend(changes)
             self._route_work.set()
 
     async def _route_worker(self) -> None:
@@ -243,7 +246,11 @@ class Hub:
 
     async def _apply_route_changes(self) -> None:
         """Open or close the eventfd of every route acquired or released since the last call."""
-        while changes := self.routes.drain_changes():
+        while True:
+            changes = self._route_changes + self.routes.drain_changes()
+            self._route_changes = []
+            if not changes:
+                return
             for change in changes:
                 device = self.devices.get(change.owner)
                 if device is None:
