@@ -25,7 +25,6 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import NoReturn
 
 import trio
 from msixhub.devices.ivshmem.domain import Announcement, DomainConfigError, IvshmemDomain
@@ -62,7 +61,7 @@ async def serve_qemu_protocol(
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_backlog: int = DEFAULT_MAX_BACKLOG,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
+) -> None:
     """Accept QEMU-protocol peers on ``listener`` (a path, or a listening unix socket whose
     ownership passes here) until cancelled. ``task_status.started`` gets the socket path; on
     exit the socket file is removed, as QEMU's server does. The domain stays the caller's."""
@@ -82,11 +81,9 @@ async def serve_qemu_protocol(
             await nursery.start(trio.serve_listeners, handler, [trio.SocketListener(trio_sock)])
             log.info("listening on %s for ivshmem %r", path, domain.name)
             task_status.started(path)
-            await trio.sleep_forever()
     finally:
         trio_sock.close()
         _unlink_if_ours(path, identity)
-    raise AssertionError("unreachable")
 
 
 def _unlink_if_ours(path: str, inode: int) -> None:
