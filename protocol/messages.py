@@ -116,6 +116,8 @@ class DeviceInfo(Message):
     intx: bool = True
     pci_id: U32 = 0
     inflight_size: Annotated[int, Range(0, 1 << 20)] = 0
+    shared_memory: Name = ""  # ivshmem: the name of the shared region this device joins
+    shared_size: U64 = 0
 
 
 @message
@@ -287,6 +289,38 @@ class ClearIrqFd(Message):
 
     device: DeviceId
     vector: Vector
+
+
+@request("set_ioeventfd", fds=1)
+@message
+class SetIoeventfd(Message):
+    """Hub -> VMM: a guest write of ``datamatch`` (any value if None) to ``device``'s ``bar``
+    at ``offset`` is an eventfd write on this fd, done by the VMM without asking anyone
+    (KVM's ioeventfd). ivshmem doorbells ring peers this way, the hub off the path."""
+
+    device: DeviceId
+    bar: BarIndex
+    offset: U64
+    datamatch: U64 | None = None
+
+
+@request("clear_ioeventfd")
+@message
+class ClearIoeventfd(Message):
+    device: DeviceId
+    bar: BarIndex
+    offset: U64
+    datamatch: U64 | None = None
+
+
+@request("set_bar_memory", fds=1)
+@message
+class SetBarMemory(Message):
+    """Hub -> VMM: ``device``'s ``bar`` is memory backed by this fd (ivshmem's shared region)."""
+
+    device: DeviceId
+    bar: BarIndex
+    size: U64
 
 
 @notice("irq")
