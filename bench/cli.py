@@ -10,7 +10,9 @@ import sys
 from msixhub.bench.report import Report
 
 # name -> module exposing ``measure(seconds: float) -> Report``
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "msix": "msixhub.bench.msix",
+}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -21,9 +21,9 @@ the last ``unuse``, ``reset`` or ``restore``), so at every moment, per vector::
 
     notifications sent == delivered + coalesced + dropped + intx + cleared + pending
 
-Memory: the state lives in flat arrays indexed by vector (about 61 bytes per vector: the
-table in 13, the PBA in one bit, refcount and route id in 8, five 64-bit counters in 40),
-not in one object per vector.
+Memory: the state lives in flat, exactly sized arrays indexed by vector (61 bytes per
+vector plus a few array headers: the table in 13, the PBA in one bit, refcount and route
+id in 8, five 64-bit counters in 40), not in one object per vector.
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ from msixhub.server.msix_snapshot import MsixImage, SnapshotError
 from msixhub.server.routes import NO_ROUTE, RoutePolicy, RouteTable
 
 __all__ = [
+    "CONTROL_ENABLE",
+    "CONTROL_FUNCTION_MASK",
+    "CONTROL_TABLE_SIZE",
     "ENTRY_SIZE",
     "MAX_VECTORS",
+    "NO_TRANSITION",
     "VIRTIO_MSI_NO_VECTOR",
     "CapabilityStats",
     "Delivery",
@@ -207,16 +211,16 @@ class MsixCapability:
         self._lazy = routes.policy is RoutePolicy.LAZY
         self._route = routes.attach(owner, n)
         self._released = False
-        self._addr = array("Q", bytes(8 * n))
-        self._data = array("I", bytes(4 * n))
+        self._addr = _zeros("Q", n)
+        self._data = _zeros("I", n)
         self._mask = bytearray(b"\x01" * n)
         self._pba = bytearray(msix_snapshot.pba_size_bytes(n))
-        self._used = array("I", bytes(4 * n))
-        self._delivered = array("Q", bytes(8 * n))
-        self._coalesced = array("Q", bytes(8 * n))
-        self._dropped = array("Q", bytes(8 * n))
-        self._intx = array("Q", bytes(8 * n))
-        self._cleared = array("Q", bytes(8 * n))
+        self._used = _zeros("I", n)
+        self._delivered = _zeros("Q", n)
+        self._coalesced = _zeros("Q", n)
+        self._dropped = _zeros("Q", n)
+        self._intx = _zeros("Q", n)
+        self._cleared = _zeros("Q", n)
         self._pba_writes = 0
         self._enabled = False
         self._function_masked = False
@@ -389,8 +393,8 @@ class MsixCapability:
             self._cleared[v] += 1
         n = self.num_vectors
         self._pba[:] = bytes(len(self._pba))
-        self._addr[:] = array("Q", bytes(8 * n))
-        self._data[:] = array("I", bytes(4 * n))
+        self._addr[:] = _zeros("Q", n)
+        self._data[:] = _zeros("I", n)
         self._mask[:] = b"\x01" * n
         self._enabled = self._function_masked = False
         self._all_masked = True
@@ -489,25 +493,30 @@ class MsixCapability:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _route_for_delivery(self, v: int, route: int) -> int:
-        """The route of a delivery that is not a plain static hit; counts direct ones."""
+    def _route_for_delivery(self, v: int, route: int, protect: int = 0) -> int:
+        """The route of a delivery that is not a plain static hit; counts direct ones.
+
+        ``protect``: how many deliveries earlier in the same batch took a route; a lazy
+        acquisition must not evict theirs, or their Delivery would name a route that
+        already belongs to another vector (see RouteTable.acquire).
+        """
         routes = self._routes
         if self._lazy and (self._addr[v] or self._data[v]):
             if route >= 0:
                 routes.touch(route)
                 return route
-            route = routes.acquire(self.owner, v)
+            route = routes.acquire(self.owner, v, protect=protect)
             if route >= 0:
                 return route
         routes.count_direct()
         return NO_ROUTE
 
-    def _deliver_pending(self, v: int) -> Delivery:
+    def _deliver_pending(self, v: int, protect: int = 0) -> Delivery:
         self._pba[v >> 3] &= ~(1 << (v & 7))
         self._delivered[v] += 1
         route = self._route[v]
         if route < 0 or self._lazy:
-            route = self._route_for_delivery(v, route)
+            route = self._route_for_delivery(v, route, protect)
         return Delivery(v, self._addr[v], self._data[v], route)
 
     def _clear_pending(self, v: int) -> bool:
@@ -537,10 +546,14 @@ class MsixCapability:
         if not affected:
             return NO_TRANSITION
         mask = self._mask
-        deliveries = tuple(
-            self._deliver_pending(v) for v in list(self._pending_vectors()) if not mask[v]
-        )
-        return Transition((), affected, deliveries)
+        deliveries: list[Delivery] = []
+        routed = 0
+        for v in list(self._pending_vectors()):
+            if not mask[v]:
+                delivery = self._deliver_pending(v, protect=routed)
+                deliveries.append(delivery)
+                routed += delivery.route >= 0
+        return Transition((), affected, tuple(deliveries))
 
     def _vectors_where_mask_is(self, bit: int) -> tuple[int, ...]:
         return tuple(v for v, m in enumerate(self._mask) if m == bit)
@@ -612,6 +625,11 @@ def _check_write(region: str, offset: int, size: int, limit: int, value: int) ->
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _zeros(typecode: str, n: int) -> array[int]:
+    """An exactly sized array (building one from bytes over-allocates by ~6%)."""
+    return array(typecode, [0]) * n
 
 
 def _set_bits(bitmap: bytes | bytearray) -> Iterator[int]:

@@ -12,8 +12,9 @@ built here, as policies of one table, so they can be measured side by side:
     answer ``VIRTIO_MSI_NO_VECTOR`` and the guest retries with fewer vectors.
 ``lazy``
     a route is taken only when a configured vector is delivered unmasked; held routes form
-    a cache with exact LRU eviction across all owners. Setup never fails; a vector that has
-    no route (never delivered, unconfigured, or budget 0) takes the direct path.
+    a cache with exact LRU eviction across all owners. Setup never fails; a delivery that
+    gets no route (unconfigured entry, budget 0, or one unmask delivering more pending
+    vectors than the budget) takes the direct path.
 ``direct``
     no routes at all: every delivery is an (address, data) message through the hub, like
     KVM_SIGNAL_MSI.
@@ -212,13 +213,16 @@ class RouteTable:
             if route != NO_ROUTE:
                 self._release_route(route)
 
-    def acquire(self, owner: str, vector: int) -> int:
+    def acquire(self, owner: str, vector: int, *, protect: int = 0) -> int:
         """Lazy policy: a route for a vector being delivered, evicting the LRU if full.
 
-        Returns NO_ROUTE (and counts a failure) only when the budget is zero.
+        The ``protect`` most recently used routes are never evicted: they were named by
+        deliveries earlier in the same batch (one unmask delivering several pending
+        vectors), which the hub has not acted on yet. Returns NO_ROUTE, counting a
+        failure, when nothing may be evicted (budget zero, or all protected).
         """
         if not self._free:
-            if self._lru_head == -1:
+            if self._in_use <= protect:
                 self._alloc_failures += 1
                 return NO_ROUTE
             self._evictions += 1

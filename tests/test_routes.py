@@ -201,6 +201,29 @@ def test_lazy_with_no_budget_is_always_direct() -> None:
     assert (stats.direct_deliveries, stats.alloc_failures, stats.in_use) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("budget", [1, 2])
+def test_lazy_unmask_batch_never_evicts_a_route_it_just_named(budget: int) -> None:
+    """Enable delivers three pending vectors at once: with fewer routes than that, later
+    ones go direct rather than steal the route an earlier Delivery in the batch names."""
+    routes = RouteTable("lazy", budget)
+    cap = MsixCapability(3, routes, owner="a")
+    for v in range(3):
+        program(cap, v)
+    cap.use_all()
+    for v in range(3):
+        cap.notify(v)  # disabled: pending
+    deliveries = cap.write_control(ENABLE).deliveries
+    assert [d.route for d in deliveries] == [*range(budget), *[-1] * (3 - budget)]
+    for d in deliveries[:budget]:
+        assert routes.route_of("a", d.vector) == d.route
+    stats = routes.stats()
+    assert (stats.evictions, stats.direct_deliveries, stats.alloc_failures) == (
+        0,
+        3 - budget,
+        3 - budget,
+    )
+
+
 def test_lazy_routes_go_at_last_unuse_and_at_reset() -> None:
     routes = RouteTable("lazy", 4)
     cap = device(routes, "a", 2)
