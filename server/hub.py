@@ -328,7 +328,8 @@ class Hub:
             "re-registered" if restarted else "registered",
         )
         reply = Registered(restarted=restarted, has_inflight=device.inflight is not None)
-        return reply, [device.inflight] if device.inflight is not None else []
+        # Reply fds are closed once sent: the daemon gets a duplicate, the hub keeps its own.
+        return reply, [device.inflight.dup()] if device.inflight is not None else []
 
     def _create_device(self, info: DeviceInfo) -> Device:
         msix = MsixCapability(info.num_vectors, self.routes, owner=info.device, has_intx=info.intx)
@@ -441,7 +442,8 @@ class Hub:
                 await self._tell_vmm(vmm, SetIrqFd(device_id, vector), [fd])
             if vmm.regions:
                 await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
-        return Attached(device.info), list(device.kicks)
+        # Reply fds are closed once sent: the VMM gets duplicates, the hub keeps the kicks.
+        return Attached(device.info), [fd.dup() for fd in device.kicks]
 
     async def detach(self, peer: Peer, request: Request) -> Message:
         device = self._owned_device(peer, request.body.device)  # type: ignore[attr-defined]
