@@ -12,8 +12,10 @@ state is a loop of request round trips with a cap, never a sleep.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,7 @@ class TestdevSystem:
     __test__ = False  # not a pytest class
 
     hub: HubProcess
-    daemon: ManagedProcess
+    daemon: ManagedProcess | None  # None when the hub spawned it (``supervised``)
     vm: VmmClient
     device: AttachedDevice
     testdev: Testdev
@@ -148,16 +150,34 @@ async def running_system(
     queues: int = 1,
     device_id: str = "dev0",
     memory: int = 1 << 20,
+    supervised: bool = False,
 ) -> AsyncIterator[TestdevSystem]:
-    """Hub + testdev daemon (real processes) and this process as the VMM, device attached."""
-    async with (
-        hub_process(directory, route_policy=policy, route_budget=budget) as hub,
-        device_process(
-            hub, "testdev", device_id, "--vectors", str(vectors), "--queues", str(queues)
-        ) as daemon,
-        connect(hub.socket, name="vm0") as vm,
-        hub_status(hub.socket) as status,
-    ):
+    """Hub + testdev daemon (real processes) and this process as the VMM, device attached.
+
+    ``supervised``: the hub spawns the daemon itself from a ``--config`` file (``[[device]]``)
+    and restarts it when it dies; otherwise this process starts it (``device_process``)."""
+    device_args = ["--vectors", str(vectors), "--queues", str(queues)]
+    async with AsyncExitStack() as stack:
+        extra: tuple[str, ...] = ()
+        if supervised:
+            config = directory / "hub.toml"
+            config.write_text(
+                '[[device]]\nkind = "testdev"\n'
+                f"id = {json.dumps(device_id)}\nargs = {json.dumps(device_args)}\n"
+            )
+            extra = ("--config", str(config))
+        hub = await stack.enter_async_context(
+            hub_process(directory, route_policy=policy, route_budget=budget, extra=extra)
+        )
+        daemon = None
+        if supervised:
+            await hub.wait_for_line(f"device {re.escape(device_id)} \\(testdev\\) registered")
+        else:
+            daemon = await stack.enter_async_context(
+                device_process(hub, "testdev", device_id, *device_args)
+            )
+        vm = await stack.enter_async_context(connect(hub.socket, name="vm0"))
+        status = await stack.enter_async_context(hub_status(hub.socket))
         if memory:
             await vm.add_memory(memory)
         device = await vm.attach(device_id)
