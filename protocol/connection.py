@@ -17,18 +17,24 @@ Envelopes (msgpack arrays)::
 A malformed *message* (unknown op, bad field or range, wrong fd count) becomes a
 ``RejectedRequest`` / ``RejectedNotice`` event, its fds already closed, and the connection
 stays usable; a malformed *stream* raises ``ProtocolError`` and the connection is dead.
+A message we may not send (larger than the peer accepts, fds that the transport or the
+peer cannot take) raises ``MessageError`` before any byte is produced, so the connection
+stays usable for the next one.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgpack
 from msixhub.protocol.errors import (
+    ConnectionClosed,
     ErrorCode,
+    FdPassingUnsupported,
     MessageError,
     ProtocolError,
     VersionMismatch,
@@ -38,6 +44,8 @@ from msixhub.protocol.frame import (
     DEFAULT_MAX_FDS,
     DEFAULT_MAX_FRAME,
     MAX_FDS_LIMIT,
+    MAX_FRAME_LIMIT,
+    MIN_MAX_FRAME,
     FrameDecoder,
     encode_header,
 )
@@ -58,7 +66,10 @@ class _NeedData:
 
 NEED_DATA: Final = _NeedData()
 _LATE: Final = object()  # a reply to a request whose waiter gave up: dropped
-_MAX_FORGOTTEN: Final = 4096
+# Requests whose waiter gave up are remembered so that their late replies can be dropped;
+# beyond this many the oldest is forgotten for good, and a reply that late is a protocol error.
+MAX_FORGOTTEN: Final = 4096
+MAX_REASON: Final = 1024
 
 
 class State(Enum):
@@ -155,8 +166,12 @@ class Connection:
         max_fds: int = DEFAULT_MAX_FDS,
         fd_passing: bool = True,
     ) -> None:
+        if role not in get_args(Role):
+            raise ValueError(f"role must be one of {get_args(Role)}, not {role!r}")
         if not 0 <= max_fds <= MAX_FDS_LIMIT:
             raise ValueError(f"max_fds must be within 0..{MAX_FDS_LIMIT}")
+        if not MIN_MAX_FRAME <= max_frame <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame must be within {MIN_MAX_FRAME}..{MAX_FRAME_LIMIT}")
         self.role = role
         self.name = name
         self.fd_passing = fd_passing
@@ -170,7 +185,7 @@ class Connection:
         self._decoder = FrameDecoder(max_frame, self.max_fds)
         self._next_id = 1
         self._outstanding: dict[int, OpSpec] = {}
-        self._forgotten: set[int] = set()
+        self._forgotten: OrderedDict[int, None] = OrderedDict()
         self._eof = False
         self._packer = msgpack.Packer(use_bin_type=True)
 
@@ -195,8 +210,8 @@ class Connection:
             raise TypeError(f"{spec.name} is a notice; use send_notice")
         self._check_fds(spec.name, spec.expected_request_fds(body), fds)
         request_id = self._next_id
-        self._next_id += 1
         data = self._frame([REQUEST, request_id, spec.name, body.to_wire()], len(fds))
+        self._next_id = request_id + 1
         self._outstanding[request_id] = spec
         return request_id, data
 
@@ -217,33 +232,57 @@ class Connection:
         return self._frame([REPLY, request.id, body.to_wire()], len(fds))
 
     def send_error(self, request_id: int, error: MessageError) -> bytes:
-        return self._frame([ERROR, request_id, error.code, error.message], 0)
+        return self._frame([ERROR, request_id, error.code, error.message[:MAX_REASON]], 0)
 
     def send_closing(self, reason: str) -> bytes:
-        """Our last frame: why we are closing. The connection is closed afterwards."""
+        """Our last frame: why we are closing (also after a ProtocolError closed us).
+        The connection is closed afterwards."""
+        body = self._packer.pack([CLOSING, reason[:MAX_REASON]])
         self.state = State.CLOSED
-        return self._frame([CLOSING, reason[:1024]], 0)
+        return encode_header(len(body), 0) + body
 
     def forget(self, request_id: int) -> None:
         """Stop expecting a reply to ``request_id`` (its waiter gave up); a late reply is dropped."""
         if self._outstanding.pop(request_id, None) is not None:
-            if len(self._forgotten) >= _MAX_FORGOTTEN:
-                self._forgotten.clear()  # a peer this late is answered by a protocol error
-            self._forgotten.add(request_id)
+            if len(self._forgotten) >= MAX_FORGOTTEN:
+                self._forgotten.popitem(last=False)
+            self._forgotten[request_id] = None
+
+    @property
+    def outstanding(self) -> int:
+        """How many of our requests still await their reply."""
+        return len(self._outstanding)
+
+    @property
+    def held_fds(self) -> int:
+        """How many received fds are still ours (not yet handed out with an event)."""
+        return self._decoder.held_fds
 
     def _check_fds(self, what: str, expected: int, fds: Sequence[int]) -> None:
         if len(fds) != expected:
             raise ValueError(f"{what} carries {expected} fds, {len(fds)} given")
-        if fds and not self.fd_passing:
+        if not fds:
+            return
+        if not self.fd_passing:
+            raise FdPassingUnsupported(f"{what} needs fd passing, which TCP cannot do")
+        if self.send_max_fds == 0:
+            raise FdPassingUnsupported(f"{what} needs fd passing; the peer takes no fds")
+        if len(fds) > self.send_max_fds:
             raise MessageError(
-                ErrorCode.UNSUPPORTED, f"{what} needs fd passing, which TCP cannot do"
+                ErrorCode.BAD_RANGE,
+                f"{what} carries {len(fds)} fds; the peer takes at most {self.send_max_fds}",
             )
 
     def _frame(self, envelope: list[Any], nfds: int) -> bytes:
         if self.state is State.CLOSED:
-            raise ProtocolError("connection is closed")
+            raise ConnectionClosed("connection is closed")
         body = self._packer.pack(envelope)
-        return encode_header(len(body), nfds, self.send_max_frame, self.send_max_fds) + body
+        if len(body) > self.send_max_frame:
+            raise MessageError(
+                ErrorCode.BAD_RANGE,
+                f"frame of {len(body)} bytes exceeds the peer's maximum of {self.send_max_frame}",
+            )
+        return encode_header(len(body), nfds) + body
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -258,16 +297,19 @@ class Connection:
             self._eof = True
 
     def next_event(self) -> Event | _NeedData:
-        """The next event, or NEED_DATA. Raises ProtocolError if the stream is broken
-        (the caller should send ``send_closing(str(error))`` if it can, then close)."""
+        """The next event, or NEED_DATA.
+
+        Raises ProtocolError if the stream is broken (the connection is closed then; the
+        caller should send ``send_closing(str(error))`` if it can, then close the transport),
+        and ConnectionClosed if the connection was closed already."""
         while True:
             event = self._next_event()
             if event is not _LATE:
-                return event
+                return event  # type: ignore[return-value]
 
     def _next_event(self) -> Event | _NeedData | object:
         if self.state is State.CLOSED:
-            raise ProtocolError("connection is closed")
+            raise ConnectionClosed("connection is closed")
         try:
             frame = self._decoder.next_frame()
         except ProtocolError:
@@ -275,13 +317,14 @@ class Connection:
             raise
         if frame is None:
             if self._eof:
+                midframe = self._decoder.buffered > 0
                 self.close()
-                if self._decoder.buffered:
+                if midframe:
                     raise ProtocolError("peer closed the connection in the middle of a frame")
                 return Closing("peer closed the connection")
             return NEED_DATA
         try:
-            envelope = msgpack.unpackb(frame.body, raw=False, strict_map_key=True, use_list=True)
+            envelope = msgpack.unpackb(frame.body, raw=False, strict_map_key=True)
             return self._dispatch(envelope, frame.fds)
         except ProtocolError:
             close_all(frame.fds)
@@ -293,79 +336,93 @@ class Connection:
             raise ProtocolError(f"undecodable frame body: {exc}") from None
 
     def _dispatch(self, envelope: Any, fds: list[OwnedFd]) -> Event | object:
-        if not isinstance(envelope, list) or not envelope or type(envelope[0]) is not int:
+        if type(envelope) is not list or not envelope or type(envelope[0]) is not int:
             raise ProtocolError("frame body is not an msixhub envelope")
         kind = envelope[0]
+        size = len(envelope)
+        if kind == CLOSING and size == 2:
+            close_all(fds)
+            self.close()
+            return Closing(str(envelope[1])[:MAX_REASON])
         if self.state is State.HANDSHAKE:
-            if kind != HELLO or len(envelope) != 2:
+            if kind != HELLO or size != 2:
                 raise ProtocolError("the first frame must be hello")
             if fds:
                 raise ProtocolError("hello carries no fds")
             return self._receive_hello(envelope[1])
-        if kind == REQUEST and len(envelope) == 4:
-            _, request_id, op, body = envelope
-            if type(request_id) is not int or request_id <= 0:
-                raise ProtocolError(f"bad request id {request_id!r}")
-            spec = OPS.get(op) if isinstance(op, str) else None
-            try:
-                if spec is None or spec.oneway:
-                    raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown operation {op!r}")
-                message = spec.request.from_wire(body)
-                self._match_fds(f"{op}", spec.expected_request_fds(message), fds)
-            except MessageError as error:
-                close_all(fds)
-                return RejectedRequest(request_id, error)
-            return Request(request_id, op, message, fds)
-        if kind == NOTICE and len(envelope) == 3:
-            _, op, body = envelope
-            spec = OPS.get(op) if isinstance(op, str) else None
-            try:
-                if spec is None or not spec.oneway:
-                    raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown notice {op!r}")
-                message = spec.request.from_wire(body)
-                self._match_fds(f"{op}", spec.expected_request_fds(message), fds)
-            except MessageError as error:
-                close_all(fds)
-                return RejectedNotice(str(op), error)
-            return Notice(op, message, fds)
-        if kind in (REPLY, ERROR) and envelope[1] in self._forgotten:
-            self._forgotten.discard(envelope[1])
-            close_all(fds)
-            return _LATE
-        if kind == REPLY and len(envelope) == 3:
+        if kind == REPLY and size == 3:
             _, request_id, body = envelope
             spec = self._outstanding.pop(request_id, None) if type(request_id) is int else None
             if spec is None:
-                close_all(fds)
+                if self._drop_late(request_id, fds):
+                    return _LATE
                 raise ProtocolError(f"reply to unknown request id {request_id!r}")
             try:
                 message = spec.reply.from_wire(body)
-                self._match_fds(f"{spec.name} reply", spec.expected_reply_fds(message), fds)
+                self._match_fds(spec.name, "reply", spec.expected_reply_fds(message), fds)
             except MessageError as error:
                 close_all(fds)
                 return RejectedReply(request_id, error)
             return Reply(request_id, message, fds)
-        if kind == ERROR and len(envelope) == 4:
+        if kind == REQUEST and size == 4:
+            _, request_id, op, body = envelope
+            if type(request_id) is not int or request_id <= 0:
+                raise ProtocolError(f"bad request id {request_id!r}")
+            spec = OPS.get(op) if type(op) is str else None
+            try:
+                if spec is None or spec.oneway:
+                    raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown operation {op!r}")
+                message = spec.request.from_wire(body)
+                self._match_fds(op, "request", spec.expected_request_fds(message), fds)
+            except MessageError as error:
+                close_all(fds)
+                return RejectedRequest(request_id, error)
+            return Request(request_id, op, message, fds)
+        if kind == NOTICE and size == 3:
+            _, op, body = envelope
+            spec = OPS.get(op) if type(op) is str else None
+            try:
+                if spec is None or not spec.oneway:
+                    raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown notice {op!r}")
+                message = spec.request.from_wire(body)
+                self._match_fds(op, "notice", spec.expected_request_fds(message), fds)
+            except MessageError as error:
+                close_all(fds)
+                return RejectedNotice(str(op)[:MAX_REASON], error)
+            return Notice(op, message, fds)
+        if kind == ERROR and size == 4:
             _, request_id, code, text = envelope
-            if fds or not isinstance(code, str) or not isinstance(text, str):
+            if fds or type(code) is not str or type(text) is not str:
                 raise ProtocolError("malformed error reply")
-            known = type(request_id) is int and self._outstanding.pop(request_id, None) is not None
-            if type(request_id) is int and request_id > 0 and not known:
-                raise ProtocolError(f"error reply to unknown request id {request_id!r}")
-            return ErrorReply(request_id if type(request_id) is int else 0, code, text)
-        if kind == CLOSING and len(envelope) == 2:
-            close_all(fds)
-            self.close()
-            return Closing(str(envelope[1]))
-        raise ProtocolError(f"unknown envelope kind {kind!r} of length {len(envelope)}")
+            if type(request_id) is not int:
+                raise ProtocolError(f"bad request id {request_id!r} in an error reply")
+            if self._outstanding.pop(request_id, None) is None:
+                if self._drop_late(request_id, fds):
+                    return _LATE
+                if request_id != 0:
+                    raise ProtocolError(f"error reply to unknown request id {request_id}")
+            return ErrorReply(request_id, code[:MAX_REASON], text[:MAX_REASON])
+        raise ProtocolError(f"unknown envelope kind {kind!r} of length {size}")
+
+    def _drop_late(self, request_id: object, fds: list[OwnedFd]) -> bool:
+        """Whether this answers a request we forgot; if so its fds are closed here."""
+        if type(request_id) is not int or request_id not in self._forgotten:
+            return False
+        del self._forgotten[request_id]
+        close_all(fds)
+        return True
 
     def _receive_hello(self, body: Any) -> PeerHello:
-        if isinstance(body, dict) and body.get("version") != PROTOCOL_VERSION:
-            raise VersionMismatch(PROTOCOL_VERSION, body.get("version"))
+        if isinstance(body, dict) and body.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            raise VersionMismatch(PROTOCOL_VERSION, body["version"])
         try:
             hello = Hello.from_wire(body)
         except MessageError as error:
             raise ProtocolError(f"bad hello: {error.message}") from None
+        if hello.max_frame < MIN_MAX_FRAME:
+            raise ProtocolError(
+                f"bad hello: max_frame {hello.max_frame} is below the minimum {MIN_MAX_FRAME}"
+            )
         self.peer = hello
         # Never send more than the peer accepts; never accept more than we said.
         self.send_max_frame = min(self.send_max_frame, hello.max_frame)
@@ -375,10 +432,10 @@ class Connection:
         return PeerHello(hello)
 
     @staticmethod
-    def _match_fds(what: str, expected: int, fds: list[OwnedFd]) -> None:
+    def _match_fds(op: str, what: str, expected: int, fds: list[OwnedFd]) -> None:
         if len(fds) != expected:
             raise MessageError(
-                ErrorCode.BAD_FIELD, f"{what} needs {expected} fds, frame carried {len(fds)}"
+                ErrorCode.BAD_FIELD, f"{op} {what} needs {expected} fds, frame carried {len(fds)}"
             )
 
     def close(self) -> None:

@@ -4,9 +4,9 @@
      ├── ProtocolError            the byte stream or handshake is broken; the connection closes
      │    └── VersionMismatch     hello named a protocol version we do not speak
      ├── MessageError             one message is invalid (code, message); answered, connection stays
+     │    └── FdPassingUnsupported  fds cannot travel on this connection (TCP); code "unsupported"
      ├── RemoteError              the peer answered a request with an error (code, message)
-     ├── ConnectionClosed         the peer went away, or we closed the connection
-     └── FdPassingUnsupported     the transport (TCP) cannot carry file descriptors
+     └── ConnectionClosed         the peer went away, or we closed the connection
 
 ``trio.Cancelled`` and ``trio.TooSlowError`` are never wrapped.
 """
@@ -65,5 +65,9 @@ class ConnectionClosed(MsixhubError):
     """The peer went away or the connection was closed; pending requests fail with this."""
 
 
-class FdPassingUnsupported(MsixhubError):
-    """File descriptors cannot travel over this transport (TCP)."""
+class FdPassingUnsupported(MessageError):
+    """File descriptors cannot travel over this connection (TCP, or a peer without the
+    ``fd-passing`` feature). Nothing was sent; the connection stays usable."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNSUPPORTED, message)

@@ -1,11 +1,15 @@
 """Framing: an 8-byte header, then one msgpack body.
 
 Header, little-endian: magic ``b"MX"`` (2 bytes), flags (u8, must be 0), number of attached
-fds (u8), body length (u32). The fds of a frame travel with its first byte (one ``sendmsg``
-per frame), so by the time a frame is complete its fds have arrived: fewer is a protocol
-error. One read brings the fds of at most one frame (the kernel ends a read after a message
-that carried fds), so whenever more bytes are needed, the fds waiting must all belong to
-the frame begun in the buffer; any more is a protocol error too.
+fds (u8), body length (u32).
+
+The fds of a frame travel with its first byte (one ``sendmsg`` per frame; the kernel
+attaches SCM_RIGHTS to the first byte and a ``recvmsg`` never reads past a message that
+carries fds). A stream reader may still get them in a chunk that begins with earlier
+frames' bytes, so the rule enforced here is: fds that arrived with a chunk belong to a
+frame that *starts* inside that chunk. A frame that declares more fds than came with its
+first byte is a protocol error, and so are fds that no frame can claim any more (they are
+detected as soon as that is certain, so a peer cannot park fds in our process).
 
 The decoder owns every fd it is given from the moment ``feed`` returns; each fd ends either
 handed out with its frame or closed by ``close()``. Nothing here does I/O.
@@ -24,6 +28,8 @@ from msixhub.protocol.fds import OwnedFd, close_all
 HEADER = struct.Struct("<2sBBI")
 MAGIC = b"MX"
 DEFAULT_MAX_FRAME = 1 << 20
+MIN_MAX_FRAME = 4096  # no peer may ask for smaller frames than this
+MAX_FRAME_LIMIT = 0xFFFF_FFFF  # the header's u32 length
 MAX_FDS_LIMIT = 253  # SCM_MAX_FD
 DEFAULT_MAX_FDS = 64
 
@@ -34,11 +40,17 @@ class Frame:
     fds: list[OwnedFd]
 
 
-def encode_header(body_length: int, nfds: int, max_frame: int, max_fds: int) -> bytes:
-    if body_length > max_frame:
-        raise ProtocolError(f"frame of {body_length} bytes exceeds the maximum of {max_frame}")
-    if nfds > max_fds:
-        raise ProtocolError(f"frame with {nfds} fds exceeds the maximum of {max_fds}")
+@dataclass(slots=True)
+class _FdBatch:
+    """The fds that came with the stream bytes ``[start, end)``."""
+
+    start: int
+    end: int
+    fds: deque[OwnedFd]
+
+
+def encode_header(body_length: int, nfds: int) -> bytes:
+    """The header of a frame; limits are the caller's business (``Connection`` checks them)."""
     return HEADER.pack(MAGIC, 0, nfds, body_length)
 
 
@@ -49,26 +61,36 @@ class FrameDecoder:
         self.max_frame = max_frame
         self.max_fds = max_fds
         self._buffer = bytearray()
-        self._fds: deque[OwnedFd] = deque()
-        self._header: tuple[int, int] | None = None  # (nfds, length) of the frame being read
+        self._offset = 0  # stream offset of _buffer[0], which is always a frame start
+        self._batches: deque[_FdBatch] = deque()
+        self._length = -1  # body length of the frame being read, -1 until its header is in
+        self._claimed: list[OwnedFd] = []  # fds of the frame being read
 
-    def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
+    def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
         """Take ``data`` and ownership of ``fds`` (closed by ``close()`` if never claimed)."""
-        self._fds.extend(OwnedFd(fd, "received") for fd in fds)
+        owned = deque(OwnedFd(fd, "received") for fd in fds)
+        if owned:
+            start = self._offset + len(self._buffer)
+            self._batches.append(_FdBatch(start, start + len(data), owned))
         self._buffer += data
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def held_fds(self) -> int:
+        """How many received fds the decoder holds (claimed by a partial frame or not yet)."""
+        return len(self._claimed) + sum(len(batch.fds) for batch in self._batches)
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None if more bytes are needed."""
-        if self._header is None:
-            if len(self._buffer) < HEADER.size:
-                # A frame's fds come with its first byte: with no frame begun, none may wait.
-                self._check_surplus(claimable=self.max_fds if self._buffer else 0)
+        buffer = self._buffer
+        if self._length < 0:
+            if len(buffer) < HEADER.size:
+                self._check_unclaimable(self._offset)
                 return None
-            magic, flags, nfds, length = HEADER.unpack_from(self._buffer)
+            magic, flags, nfds, length = HEADER.unpack_from(buffer)
             if magic != MAGIC:
                 raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not an msixhub stream")
             if flags:
@@ -79,30 +101,48 @@ class FrameDecoder:
                 )
             if nfds > self.max_fds:
                 raise ProtocolError(
-                    f"frame declares {nfds} fds, more than the maximum {self.max_fds}"
+                    f"frame declares {nfds} fds, more than the maximum of {self.max_fds}"
                 )
-            self._header = (nfds, length)
-        nfds, length = self._header
-        end = HEADER.size + length
-        if len(self._buffer) < end:
-            self._check_surplus(claimable=nfds)
+            self._check_unclaimable(self._offset)
+            if nfds:
+                self._claim(nfds)
+            self._length = length
+        end = HEADER.size + self._length
+        self._check_unclaimable(self._offset + end)
+        if len(buffer) < end:
             return None
-        if len(self._fds) < nfds:
-            raise ProtocolError(f"frame declares {nfds} fds but {len(self._fds)} arrived with it")
-        body = bytes(self._buffer[HEADER.size : end])
-        del self._buffer[:end]
-        self._header = None
-        return Frame(body, [self._fds.popleft() for _ in range(nfds)])
+        body = bytes(memoryview(buffer)[HEADER.size : end])
+        del buffer[:end]
+        self._offset += end
+        self._length = -1
+        fds, self._claimed = self._claimed, []
+        return Frame(body, fds)
 
-    def _check_surplus(self, claimable: int) -> None:
-        if len(self._fds) > claimable:
+    def _claim(self, nfds: int) -> None:
+        """Take the fds of the frame starting at ``_offset`` (they came with its first byte)."""
+        batch = self._batches[0] if self._batches else None
+        arrived = len(batch.fds) if batch is not None and batch.start <= self._offset else 0
+        if arrived < nfds:
+            raise ProtocolError(f"frame declares {nfds} fds but {arrived} arrived with it")
+        assert batch is not None
+        self._claimed = [batch.fds.popleft() for _ in range(nfds)]
+        if not batch.fds:
+            self._batches.popleft()
+
+    def _check_unclaimable(self, next_start: int) -> None:
+        """Fail if some fds came with bytes in which no frame can start any more."""
+        batches = self._batches
+        if batches and batches[0].end <= next_start:
             raise ProtocolError(
-                f"{len(self._fds)} fds arrived but the frames in hand declare only {claimable}"
+                f"{len(batches[0].fds)} fds arrived with bytes that no frame claims them from"
             )
 
     def close(self) -> None:
         """Close every fd still held (exactly once) and drop buffered bytes."""
-        fds = list(self._fds)
-        self._fds.clear()
+        fds = self._claimed
+        self._claimed = []
+        for batch in self._batches:
+            fds.extend(batch.fds)
+        self._batches.clear()
         self._buffer.clear()
         close_all(fds)

@@ -1,19 +1,28 @@
 """The thin trio shell around ``Connection``: one reader task drains events; requests from the
-other side each run in their own task (so a handler may itself call the other side);
-notices are handled in order, inline; replies wake the request that waits for them.
+other side each run in their own task (so a handler may itself call the other side), or,
+with ``inline_requests``, in the reader itself (cheaper, for handlers that never wait on
+this peer); notices are handled in order, inline; replies wake the request that waits.
 
 Every wait on the other side has a cap: a request times out (``trio.TooSlowError``, its id
-forgotten so a late reply is dropped), and a send that cannot finish within
-``send_timeout`` means the peer stopped reading: the connection is closed rather than
-letting it block us. Writes are serialised by a lock, so frames never interleave.
+forgotten so a late reply is dropped and its fds closed), and a send that cannot finish
+within ``send_timeout`` means the peer stopped reading: the connection is closed rather
+than letting it block us. Writes are serialised by a lock, so frames never interleave, and
+a frame that started going out is always finished (or the connection closed), whatever
+happens to the task that sent it: a cancelled sender never leaves half a frame behind.
+
+The hot path is kept to what a round trip needs: a send that the socket takes at once
+neither yields nor enters a cancel scope, and request deadlines are enforced by one
+watchdog task per connection instead of one cancel scope per request.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Final
 
 import trio
 from msixhub.protocol.connection import (
@@ -56,10 +65,18 @@ RequestHandler = Callable[["Peer", Request], Awaitable[Message | ReplyWithFds]]
 NoticeHandler = Callable[["Peer", Notice], Awaitable[None]]
 
 
+class _TimedOut:
+    """The watchdog's verdict on a request whose deadline passed."""
+
+
+_TIMED_OUT: Final = _TimedOut()
+
+
 @dataclass(slots=True)
 class _Waiter:
+    deadline: float
     done: trio.Event = field(default_factory=trio.Event)
-    result: Reply | ErrorReply | RejectedReply | None = None
+    result: Reply | ErrorReply | RejectedReply | _TimedOut | None = None
 
 
 async def _refuse_requests(peer: Peer, request: Request) -> Message:
@@ -71,7 +88,14 @@ async def _ignore_notices(peer: Peer, notice: Notice) -> None:
 
 
 class Peer:
-    """An open, handshaken msixhub connection."""
+    """An open, handshaken msixhub connection.
+
+    ``on_request`` answers the other side's requests: it returns the reply (or
+    ``(reply, fds)``, whose fds the peer sends and then closes) or raises ``MessageError``
+    for an error reply; any other exception is a bug, logged and answered ``internal``.
+    With ``inline_requests=True`` it runs in the reader task, one request at a time: use
+    it for handlers that do not wait on this same peer (they cannot: the reply they would
+    wait for is read by the task they block)."""
 
     def __init__(
         self,
@@ -82,6 +106,7 @@ class Peer:
         on_notice: NoticeHandler = _ignore_notices,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        inline_requests: bool = False,
     ) -> None:
         self.transport = transport
         self.connection = connection
@@ -89,6 +114,7 @@ class Peer:
         self.on_notice = on_notice
         self.request_timeout = request_timeout
         self.send_timeout = send_timeout
+        self.inline_requests = inline_requests
         self.log = log.getChild(connection.name or f"fd{transport.socket.fileno()}")
         self.closed = trio.Event()
         self.close_reason = ""
@@ -96,6 +122,8 @@ class Peer:
         self._waiters: dict[int, _Waiter] = {}
         self._request_slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._serve_scope: trio.CancelScope | None = None
+        self._watchdog: trio.CancelScope | None = None  # its deadline: the earliest request's
+        self._reader: trio.lowlevel.Task | None = None
 
     @property
     def peer_hello(self) -> Hello:
@@ -112,31 +140,49 @@ class Peer:
         self, body: Message, fds: Sequence[int] = (), *, timeout: float | None = None
     ) -> tuple[Message, list[OwnedFd]]:
         """Send a request and wait for its reply; the reply's fds are the caller's to close.
+        ``fds`` stay the caller's.
 
-        Raises RemoteError (the other side refused), ConnectionClosed, trio.TooSlowError."""
+        Raises RemoteError (the other side refused), MessageError (we may not send this,
+        e.g. FdPassingUnsupported on TCP: nothing was sent), ConnectionClosed,
+        trio.TooSlowError (no reply within the timeout; a late reply is dropped)."""
         if self.closed.is_set():
             raise ConnectionClosed(self.close_reason or "connection is closed")
+        if trio.lowlevel.current_task() is self._reader:
+            raise RuntimeError(
+                "a notice or inline request handler cannot wait for a reply on its own peer"
+            )
         request_id, data = self.connection.send_request(body, fds)
-        waiter = _Waiter()
+        if timeout is None:
+            timeout = self.request_timeout
+        waiter = _Waiter(trio.current_time() + timeout)
         self._waiters[request_id] = waiter
         try:
-            with trio.fail_after(self.request_timeout if timeout is None else timeout):
+            watchdog = self._watchdog
+            if watchdog is None:  # nobody serves this peer (yet): a scope of our own
+                with trio.fail_after(timeout):
+                    await self._send(data, fds)
+                    await waiter.done.wait()
+            else:
+                if waiter.deadline < watchdog.deadline:
+                    watchdog.deadline = waiter.deadline
                 await self._send(data, fds)
                 await waiter.done.wait()
+            result = waiter.result
+            if result is _TIMED_OUT:
+                raise trio.TooSlowError
         except BaseException:
             self._waiters.pop(request_id, None)
             self.connection.forget(request_id)
             if isinstance(waiter.result, Reply):
                 close_all(waiter.result.fds)
             raise
-        self._waiters.pop(request_id, None)
-        result = waiter.result
         if isinstance(result, Reply):
             return result.body, result.fds
         if isinstance(result, ErrorReply):
             raise RemoteError(result.code, result.message)
         if isinstance(result, RejectedReply):
             raise result.error
+        self._waiters.pop(request_id, None)
         raise ConnectionClosed(self.close_reason or "connection closed before the reply")
 
     async def call(
@@ -148,22 +194,36 @@ class Peer:
         return reply
 
     async def notify(self, body: Message, fds: Sequence[int] = ()) -> None:
-        """Send a one-way notice."""
+        """Send a one-way notice (a checkpoint even when the socket takes it at once)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self.closed.is_set():
             raise ConnectionClosed(self.close_reason or "connection is closed")
         await self._send(self.connection.send_notice(body, fds), fds)
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        async with self._send_lock:
-            try:
-                with trio.fail_after(self.send_timeout):
-                    await self.transport.send(data, fds)
-            except trio.TooSlowError:
-                await self.aclose("peer stopped reading (send timed out)")
-                raise ConnectionClosed(self.close_reason) from None
-            except ConnectionClosed as exc:
-                await self.aclose(str(exc))
-                raise
+        """Send one whole frame, or close the connection (and raise ConnectionClosed)."""
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()  # cancellable: nothing of this frame is out yet
+        try:
+            sent = self.transport.send_nowait(data, fds)
+            if sent < len(data):
+                # Once a frame has begun it must end, whatever happens to our caller;
+                # send_timeout bounds how long a peer that stopped reading can hold us.
+                with trio.CancelScope(shield=True), trio.fail_after(self.send_timeout):
+                    await self.transport.send(memoryview(data)[sent:], () if sent else fds)
+        except trio.TooSlowError:
+            self.log.warning("closing: peer stopped reading (send timed out)")
+            await self._shut_down("peer stopped reading (send timed out)", tell_peer=False)
+            raise ConnectionClosed(self.close_reason) from None
+        except ConnectionClosed as exc:
+            await self._shut_down(str(exc), tell_peer=False)
+            raise
+        finally:
+            lock.release()
 
     # --- serving the other side ------------------------------------------------------------
 
@@ -174,49 +234,76 @@ class Peer:
                 if self.closed.is_set():
                     return
                 async with trio.open_nursery() as handlers:
+                    handlers.start_soon(self._expire_requests)
                     try:
                         await self._read_loop(handlers)
                     finally:
                         handlers.cancel_scope.cancel()
         finally:
             self._serve_scope = None
+            self._watchdog = None
+            self._reader = None
             await self.aclose(self.close_reason or "connection closed")
             with trio.CancelScope(shield=True):
                 await self.transport.aclose()
 
     async def _read_loop(self, handlers: trio.Nursery) -> None:
         connection = self.connection
+        receive = self.transport.receive
+        self._reader = trio.lowlevel.current_task()
         while True:
             try:
                 event = connection.next_event()
-                if event is NEED_DATA:
-                    data, fds = await self.transport.receive()
+                while event is NEED_DATA:
+                    data, fds = await receive()
                     connection.receive_data(data, fds)
-                    continue
+                    event = connection.next_event()
             except ProtocolError as exc:
-                await self._close_with_reason(f"protocol error: {exc}")
+                self.log.warning("closing: protocol error: %s", exc)
+                await self._shut_down(f"protocol error: {exc}", tell_peer=True)
                 return
             except ConnectionClosed as exc:
-                self.close_reason = str(exc)
+                self.close_reason = self.close_reason or str(exc)
                 return
-            if isinstance(event, Notice):
-                await self._handle_notice(event)
-            elif isinstance(event, Request):
-                await self._request_slots.acquire()
-                handlers.start_soon(self._handle_request, event)
-            elif isinstance(event, Reply | ErrorReply | RejectedReply):
-                self._resolve(event)
-            elif isinstance(event, RejectedRequest):
-                await self._send_quietly(connection.send_error(event.id, event.error))
-            elif isinstance(event, RejectedNotice):
-                self.log.warning("ignored bad notice %s: %s", event.op, event.error)
-            elif isinstance(event, Closing):
-                self.close_reason = f"peer closed: {event.reason}"
+            kind = type(event)
+            if kind is Reply or kind is ErrorReply or kind is RejectedReply:
+                self._resolve(event)  # type: ignore[arg-type]
+            elif kind is Request:
+                if self.inline_requests:
+                    await self._handle_request(event)  # type: ignore[arg-type]
+                else:
+                    await self._request_slots.acquire()
+                    handlers.start_soon(self._handle_request, event, True)
+            elif kind is Notice:
+                await self._handle_notice(event)  # type: ignore[arg-type]
+            elif kind is RejectedRequest:
+                await self._answer_error(event.id, event.error)  # type: ignore[union-attr]
+            elif kind is RejectedNotice:
+                self.log.warning("ignored bad notice %s: %s", event.op, event.error)  # type: ignore[union-attr]
+            elif kind is Closing:
+                self.close_reason = f"peer closed: {event.reason}"  # type: ignore[union-attr]
                 return
 
+    async def _expire_requests(self) -> None:
+        """Fail the requests whose deadline passed (one sleeping task for all of them)."""
+        deadline = math.inf
+        while True:
+            with trio.CancelScope(deadline=deadline) as self._watchdog:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            deadline = math.inf
+            for request_id, waiter in list(self._waiters.items()):
+                if waiter.deadline <= now:
+                    del self._waiters[request_id]
+                    self.connection.forget(request_id)
+                    waiter.result = _TIMED_OUT
+                    waiter.done.set()
+                else:
+                    deadline = min(deadline, waiter.deadline)
+
     def _resolve(self, event: Reply | ErrorReply | RejectedReply) -> None:
-        waiter = self._waiters.get(event.id)
-        if waiter is None:  # an error not tied to a request of ours
+        waiter = self._waiters.pop(event.id, None)
+        if waiter is None:  # an error reply not tied to a request of ours (id 0)
             self.log.warning("unsolicited %s", event)
             return
         waiter.result = event
@@ -227,53 +314,71 @@ class Peer:
             await self.on_notice(self, notice)
         except MsixhubError as exc:
             self.log.warning("notice %s failed: %s", notice.op, exc)
+        except Exception:
+            self.log.exception("notice handler failed on %s", notice.op)
         finally:
             close_all(notice.fds)  # the handler detached what it kept
 
-    async def _handle_request(self, request: Request) -> None:
+    async def _handle_request(self, request: Request, holds_slot: bool = False) -> None:
         reply_fds: Sequence[OwnedFd] = ()
+        connection = self.connection
         try:
             try:
                 result = await self.on_request(self, request)
+                if isinstance(result, tuple):
+                    body, reply_fds = result
+                else:
+                    body = result
+                fds = [fd.fileno() for fd in reply_fds]
+                data = connection.send_reply(request, body, fds)
             except MessageError as error:
-                data = self.connection.send_error(request.id, error)
+                data, fds = connection.send_error(request.id, error), []
             except RemoteError as error:  # a nested call failed: pass its reason on
-                data = self.connection.send_error(
-                    request.id, MessageError(error.code, error.message)
-                )
+                error = MessageError(error.code, error.message)
+                data, fds = connection.send_error(request.id, error), []
             except (ConnectionClosed, trio.TooSlowError) as error:
-                data = self.connection.send_error(
-                    request.id, MessageError(ErrorCode.TIMEOUT, f"{request.op}: {error}")
-                )
-            else:
-                body, reply_fds = result if isinstance(result, tuple) else (result, ())
-                data = self.connection.send_reply(request, body, [fd.fileno() for fd in reply_fds])
-            await self._send_quietly(data, [fd.fileno() for fd in reply_fds])
-        except ProtocolError as exc:
-            await self._close_with_reason(str(exc))
+                error = MessageError(ErrorCode.TIMEOUT, f"{request.op}: {error}")
+                data, fds = connection.send_error(request.id, error), []
+            except ProtocolError:
+                raise
+            except Exception as exc:  # a bug in the handler: answer, log, keep serving
+                self.log.exception("request handler failed on %s", request.op)
+                error = MessageError(ErrorCode.INTERNAL, f"{request.op}: {type(exc).__name__}")
+                data, fds = connection.send_error(request.id, error), []
+            await self._send_quietly(data, fds)
+        except ProtocolError as exc:  # the handler decided the stream is broken
+            self.log.warning("closing: %s failed: %s", request.op, exc)
+            await self._shut_down(f"protocol error: {exc}", tell_peer=True)
+        except ConnectionClosed:
+            pass  # the connection closed while the handler ran: nobody to answer
         finally:
             close_all(list(reply_fds))
             close_all(request.fds)
-            self._request_slots.release()
+            if holds_slot:
+                self._request_slots.release()
+
+    async def _answer_error(self, request_id: int, error: MessageError) -> None:
+        with suppress(ConnectionClosed):
+            await self._send_quietly(self.connection.send_error(request_id, error))
 
     async def _send_quietly(self, data: bytes, fds: Sequence[int] = ()) -> None:
         with suppress(ConnectionClosed):
             await self._send(data, fds)
 
-    async def _close_with_reason(self, reason: str) -> None:
-        self.log.warning("closing: %s", reason)
-        if self.connection.state is not State.CLOSED:
-            data = self.connection.send_closing(reason)
-            with trio.move_on_after(0.5):
-                await self._send_quietly(data)
-        await self.aclose(reason)
-
     async def aclose(self, reason: str = "closed") -> None:
-        """Close the connection; every waiting request fails with ConnectionClosed."""
+        """Close the connection (telling the peer why, if that can be done without waiting);
+        every waiting request fails with ConnectionClosed."""
+        await self._shut_down(reason, tell_peer=self.connection.state is not State.CLOSED)
+
+    async def _shut_down(self, reason: str, *, tell_peer: bool) -> None:
         if self.closed.is_set():
             return
         self.close_reason = self.close_reason or reason
         self.closed.set()
+        if tell_peer and not self._send_lock.locked():
+            # Best effort and never blocking: a partial frame here is harmless (we close).
+            with suppress(MsixhubError):
+                self.transport.send_nowait(self.connection.send_closing(reason))
         self.connection.close()
         for waiter in self._waiters.values():
             waiter.done.set()
@@ -293,7 +398,10 @@ async def handshake(
     max_fds: int = DEFAULT_MAX_FDS,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Connection:
-    """Exchange hellos (both sides send first, so neither waits on the other)."""
+    """Exchange hellos (both sides send first, so neither waits on the other).
+
+    Raises VersionMismatch (naming both versions) or ProtocolError after telling the peer
+    why, ConnectionClosed, trio.TooSlowError. The transport stays the caller's."""
     connection = Connection(
         role, name=name, max_frame=max_frame, max_fds=max_fds, fd_passing=transport.fd_passing
     )
@@ -308,7 +416,14 @@ async def handshake(
                     continue
                 if isinstance(event, PeerHello):
                     return connection
+                if isinstance(event, Closing):
+                    raise ConnectionClosed(f"peer closed during the handshake: {event.reason}")
                 raise ProtocolError(f"expected hello, got {event}")
+    except ProtocolError as exc:
+        with suppress(MsixhubError):
+            transport.send_nowait(connection.send_closing(str(exc)))
+        connection.close()
+        raise
     except BaseException:
         connection.close()
         raise
@@ -323,11 +438,16 @@ async def open_peer(
     on_request: RequestHandler = _refuse_requests,
     on_notice: NoticeHandler = _ignore_notices,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_frame: int = DEFAULT_MAX_FRAME,
+    max_fds: int = DEFAULT_MAX_FDS,
+    inline_requests: bool = False,
 ) -> AsyncIterator[Peer]:
     """Handshake, then serve in the background for the duration of the block."""
     try:
-        connection = await handshake(transport, role, name=name, max_frame=max_frame)
+        connection = await handshake(
+            transport, role, name=name, max_frame=max_frame, max_fds=max_fds
+        )
     except BaseException:
         await transport.aclose()
         raise
@@ -337,6 +457,8 @@ async def open_peer(
         on_request=on_request,
         on_notice=on_notice,
         request_timeout=request_timeout,
+        send_timeout=send_timeout,
+        inline_requests=inline_requests,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(peer.serve)

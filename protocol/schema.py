@@ -53,6 +53,7 @@ class Message:
     __slots__ = ()
     _decoders: ClassVar[tuple[tuple[str, Checker, bool], ...]]
     _nested: ClassVar[tuple[str, ...]]
+    _field_names: ClassVar[frozenset[str]]
 
     def to_wire(self) -> dict[str, Any]:
         body = {f: getattr(self, f) for f, _, _ in self._decoders}
@@ -64,12 +65,11 @@ class Message:
     def from_wire(cls: type[M], body: object) -> M:
         if not isinstance(body, dict):
             raise MessageError(ErrorCode.BAD_FIELD, f"{cls.__name__}: body is not a map")
-        decoders = cls._decoders
-        if len(body) > len(decoders) or any(key not in cls._field_names for key in body):  # type: ignore[attr-defined]
-            unknown = sorted(str(k) for k in body if k not in cls._field_names)  # type: ignore[attr-defined]
+        if not cls._field_names.issuperset(body):
+            unknown = sorted(str(k) for k in body if k not in cls._field_names)
             raise MessageError(ErrorCode.BAD_FIELD, f"{cls.__name__}: unknown field(s) {unknown}")
         values = {}
-        for name, check, required in decoders:
+        for name, check, required in cls._decoders:
             if name in body:
                 values[name] = check(body[name], name)
             elif required:
@@ -99,7 +99,7 @@ def message(cls: type[M]) -> type[M]:
             nested.append(f.name)
     cls._decoders = tuple(decoders)
     cls._nested = tuple(nested)
-    cls._field_names = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type,attr-defined]
+    cls._field_names = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     return cls
 
 
@@ -180,9 +180,10 @@ def _checker(hint: Any, owner: str) -> Checker:
         choices = get_args(hint)
 
         def check_literal(v: Any, name: str) -> Any:
-            if v not in choices or type(v) is bool:
-                raise _fail(ErrorCode.BAD_RANGE, owner, name, f"{v!r} not one of {list(choices)}")
-            return v
+            for choice in choices:  # by type too: 1.0 and True are not the literal 1
+                if type(v) is type(choice) and v == choice:
+                    return v
+            raise _fail(ErrorCode.BAD_RANGE, owner, name, f"{v!r} not one of {list(choices)}")
 
         return check_literal
     if origin is list:
