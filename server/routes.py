@@ -159,11 +159,6 @@ class RouteTable:
         route = routes[vector]
         return None if route == NO_ROUTE else route
 
-    @property
-    def available(self) -> int:
-        """Routes not held by anyone (under lazy, more can be had by eviction)."""
-        return len(self._free)
-
     # -- what a capability calls ---------------------------------------------------------
 
     def attach(self, owner: str, num_vectors: int) -> array[int]:
