@@ -534,6 +534,8 @@ class Hub:
         async with self.lock:
             device.channels.drain_all()
             await self._apply_transition(device, device.msix.write_control(body.value))
+            if device.msix.enabled:
+                self._set_intx(device, False)  # INTx is not used while MSI-X is enabled
         return Empty()
 
     # --- status ----------------------------------------------------------------------------
