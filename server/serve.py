@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -27,6 +28,9 @@ from msixhub.server.status import DEFAULT_SOCKET
 from msixhub.server.supervisor import DeviceSpec, Supervisor
 
 log = logging.getLogger("msixhub.serve")
+
+ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of fds or memory
+_ACCEPT_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ConfigError(ValueError):
@@ -136,7 +140,16 @@ class HubServer:
 
     async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_SHORTAGES:
+                    raise
+                # The connection stays queued: one shortage must not take down the hub and
+                # every device on it. Try again once others may have released something.
+                log.warning("cannot accept a connection (%s); retrying", exc)
+                await trio.sleep(ACCEPT_RETRY)
+                continue
             if sock.family == socket.AF_INET or sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             nursery.start_soon(self.serve_connection, Transport(sock))
