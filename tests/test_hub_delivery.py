@@ -102,8 +102,12 @@ async def test_msix_disabled_falls_back_to_intx(tmp_path: Path) -> None:
         await system.testdev.set_intx(False)  # the driver read the ISR: the line drops
         assert await next_event(system.vm) == IntxEvent("dev0", False)
 
-        await system.device.msix_control_write(MSIX_ENABLE)
+        await system.testdev.notify(0)
+        assert await next_event(system.vm) == IntxEvent("dev0", True)
+        await system.device.msix_control_write(MSIX_ENABLE)  # the hub lowers INTx itself
+        assert await next_event(system.vm) == IntxEvent("dev0", False)
         await expect_sentinel(system, 0)  # MSI-X again, and the INTx notification is not replayed
+        assert (await system.status.vector("dev0", 0))["intx"] == 2
 
 
 async def test_deassert_withdraws_a_pending_notification(tmp_path: Path) -> None:
