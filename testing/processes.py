@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -127,12 +127,15 @@ async def hub_process(
     route_policy: str = "static",
     route_budget: int = 4096,
     extra: tuple[str, ...] = (),
+    prefix: Sequence[str] = (),
 ) -> AsyncIterator[HubProcess]:
-    """A running hub (``msixhub serve``) with its socket in ``directory``."""
+    """A running hub (``msixhub serve``) with its socket in ``directory``; ``prefix`` goes in
+    front of the command (e.g. ``msixhub.testing.limited.limit_prefix(nofile=64)``)."""
     hub = HubProcess(
         directory / "hub.sock",
         ["--route-policy", route_policy, "--route-budget", str(route_budget), *extra],
     )
+    hub.command = [*prefix, *hub.command]
     async with trio.open_nursery() as nursery:
         await hub.start(nursery)
         try:
@@ -146,12 +149,18 @@ async def hub_process(
 
 @asynccontextmanager
 async def device_process(
-    hub: HubProcess, kind: str, device_id: str, *args: str
+    hub: HubProcess,
+    kind: str,
+    device_id: str,
+    *args: str,
+    socket: str | None = None,
+    prefix: Sequence[str] = (),
 ) -> AsyncIterator[ManagedProcess]:
-    """A device daemon (``msixhub spawn``) registered with ``hub`` before the block starts."""
-    device = ManagedProcess(
-        device_id, msixhub_command("spawn", kind, "--id", device_id, "--socket", hub.socket, *args)
-    )
+    """A device daemon (``msixhub spawn``) registered with ``hub`` before the block starts.
+    ``socket`` replaces the hub's (a fault proxy's, say); ``prefix`` goes in front of the
+    command."""
+    command = msixhub_command("spawn", kind, "--id", device_id, "--socket", socket or hub.socket)
+    device = ManagedProcess(device_id, [*prefix, *command, *args])
     async with trio.open_nursery() as nursery:
         await device.start(nursery)
         try:
