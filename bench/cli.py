@@ -11,6 +11,7 @@ from msixhub.bench.report import Report
 
 # name -> module exposing ``measure(seconds: float) -> Report``
 BENCHMARKS: dict[str, str] = {
+    "irq": "msixhub.bench.irq",
     "msix": "msixhub.bench.msix",
 }
 

@@ -1,0 +1,225 @@
+"""``msixhub bench irq``: the interrupt path through the real system, beside bare baselines.
+
+A hub and a ``testdev`` daemon run as processes; this process is the VMM (the client
+library, as a VMM embeds it). Everything is pinned to one CPU, the baselines' children too,
+so every cross-process hop is a context switch on that CPU in ours and in theirs.
+
+* **interrupt round trip**: the VMM kicks queue 0 (an eventfd write), the daemon's kick
+  reader wakes and notifies vector 0 (an eventfd write on its call fd), the VMM's reader
+  wakes and hands the Interrupt to the waiting task. Vector 0 is unmasked and routed
+  (``static``), so the hub is off the path. Baseline: two trio processes bouncing a count
+  through two eventfds (``bench/trio_eventfd.py``). Target ratio: <= 1.1.
+  A second row takes the client's event queue out (this process reads the irq eventfd
+  itself), to show what the data path costs and what the client's reader-to-queue-to-task
+  hop adds.
+* **mask+unmask**: the guest masks then unmasks a vector (two table writes: the VMM's half
+  of the handoff, a request to the hub, the hub's half, the reply), per pair. Baseline: two
+  bare protocol round trips (``ping``) on the same connection.
+* **notifications/s**: the daemon notifies one unmasked vector 65535 times per NOTIFY
+  register write; notifications are counted as the VMM accounts them (coalesced counts
+  included), until all that were sent have arrived. Baseline: a Python loop writing an
+  eventfd, nobody reading.
+
+Rounds alternate (baseline, ours, ...) so that drift hits both alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from msixhub.bench.baseline import eventfd_pingpong
+from msixhub.bench.report import Report, pin_to
+from msixhub.bench.trio_eventfd import eventfd_write_rate, trio_pingpong
+from msixhub.client.msix_guest import set_vector_mask
+from msixhub.client.vmm import Interrupt
+from msixhub.protocol.fds import eventfd_read
+from msixhub.protocol.messages import Ping
+from msixhub.testing.system import MAX_NOTIFY_COUNT, TestdevSystem, running_system
+
+ROUNDS = 5
+MIN_ROUND = 0.2  # seconds
+WARMUP = 500
+BATCH = 50
+KICKED, MASKED, STORM = 0, 1, 2  # the vectors each measurement uses
+SETTLE_TIMEOUT = 30.0
+
+
+def measure(seconds: float) -> Report:
+    original = os.sched_getaffinity(0)
+    try:
+        cpu = pin_to(0)
+        report = Report(
+            "irq",
+            f"all on {cpu}: hub, testdev daemon, this process (VMM), baseline children",
+        )
+        trio.run(_measure, max(seconds / ROUNDS, MIN_ROUND), report)
+        blocking = eventfd_pingpong(max(seconds / ROUNDS, MIN_ROUND), same_cpu=True)
+        report.notes.append(
+            f"for reference, a blocking (no event loop) eventfd ping-pong: "
+            f"{blocking.round_trip_seconds * 1e6:.1f} us ({blocking.pinning})"
+        )
+        report.notes.append("command: msixhub bench irq [--seconds S] [--json]")
+        return report
+    finally:
+        os.sched_setaffinity(0, original)
+
+
+async def _measure(round_seconds: float, report: Report) -> None:
+    with tempfile.TemporaryDirectory(prefix="msixhub-bench-irq-") as directory:
+        async with running_system(Path(directory), vectors=4, queues=1) as system:
+            await system.testdev.setup([KICKED, MASKED, STORM])
+
+            async def irq() -> float:
+                return await _irq_round_trip(system, round_seconds)
+
+            async def bare_irq() -> float:
+                return await trio_pingpong(round_seconds)
+
+            ours, bare = await _alternate(irq, bare_irq)
+            report.add(
+                "interrupt round trip (kick -> device -> irq)",
+                "us",
+                ours * 1e6,
+                bare * 1e6,
+                higher_is_better=False,
+            )
+
+            async def raw_irq() -> float:
+                return await _raw_irq_round_trip(system, round_seconds)
+
+            ours, bare = await _alternate(raw_irq, bare_irq)
+            report.add(
+                "interrupt round trip, VMM reading its irq eventfd",
+                "us",
+                ours * 1e6,
+                bare * 1e6,
+                higher_is_better=False,
+            )
+
+            async def mask_pair() -> float:
+                return await _per_iteration(round_seconds, lambda: _mask_unmask(system))
+
+            async def ping_pair() -> float:
+                return await _per_iteration(round_seconds, lambda: _two_pings(system))
+
+            ours, bare = await _alternate(mask_pair, ping_pair)
+            report.add("mask+unmask pair", "us", ours * 1e6, bare * 1e6, higher_is_better=False)
+
+            async def storm() -> float:
+                return await _notification_rate(system, round_seconds)
+
+            async def write_loop() -> float:
+                return eventfd_write_rate(round_seconds)
+
+            ours, bare = await _alternate(storm, write_loop)
+            report.add("notifications (coalesced)", "per s", ours, bare, higher_is_better=True)
+            report.notes.append(
+                "mask+unmask baseline: two ping round trips on the VMM's connection; "
+                "notifications baseline: a bare eventfd write loop (no reader)"
+            )
+
+
+async def _alternate(
+    ours: Callable[[], Awaitable[float]], bare: Callable[[], Awaitable[float]]
+) -> tuple[float, float]:
+    """Medians of ROUNDS alternating rounds, baseline first."""
+    ours_rounds, bare_rounds = [], []
+    for _ in range(ROUNDS):
+        bare_rounds.append(await bare())
+        ours_rounds.append(await ours())
+    return statistics.median(ours_rounds), statistics.median(bare_rounds)
+
+
+async def _irq_round_trip(system: TestdevSystem, seconds: float) -> float:
+    device, vm = system.device, system.vm
+
+    async def once() -> None:
+        device.kick(0)  # queue 0 echoes on vector 0 (KICKED)
+        event = await vm.next_event()
+        assert isinstance(event, Interrupt) and event.vector == KICKED and event.count == 1
+
+    for _ in range(WARMUP):
+        await once()
+    return await _per_iteration(seconds, once)
+
+
+async def _raw_irq_round_trip(system: TestdevSystem, seconds: float) -> float:
+    """The same round trip with the client's event queue taken out: its reader for the
+    vector is stopped and this task reads the eventfd itself. What is left is the data
+    path proper (kick fd, the daemon's shell, call fd), to tell it from the client's hop
+    from reader task to event queue to waiting task."""
+    device = system.device
+    fd = device.irq_fds[KICKED].fileno()
+
+    async def once() -> None:
+        device.kick(0)
+        while not (count := eventfd_read(fd)):
+            await trio.lowlevel.wait_readable(fd)
+        assert count == 1
+
+    device._stop_reading(KICKED)  # the client's own reader must not race us for the counts
+    try:
+        for _ in range(WARMUP):
+            await once()
+        return await _per_iteration(seconds, once)
+    finally:
+        device._start_reading(KICKED)
+
+
+async def _mask_unmask(system: TestdevSystem) -> None:
+    await set_vector_mask(system.device, MASKED, True)
+    await set_vector_mask(system.device, MASKED, False)
+
+
+async def _two_pings(system: TestdevSystem) -> None:
+    await system.vm.peer.call(Ping())
+    await system.vm.peer.call(Ping())
+
+
+async def _per_iteration(seconds: float, once: Callable[[], Awaitable[None]]) -> float:
+    """Seconds per call of ``once``, called for about ``seconds`` (in batches)."""
+    iterations = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while (now := time.perf_counter()) < deadline or not iterations:
+        for _ in range(BATCH):
+            await once()
+        iterations += BATCH
+    return (now - start) / iterations
+
+
+async def _notification_rate(system: TestdevSystem, seconds: float) -> float:
+    """Notifications per second from the daemon's NOTIFY loop to the VMM's accounting (the
+    client counts them as it reads its eventfds; a consumer keeps its event queue moving)."""
+    vm, counted = system.vm, system.device.notifications
+    first = counted[STORM]
+    progress = trio.lowlevel.ParkingLot()
+
+    async def consume() -> None:
+        while True:
+            event = await vm.next_event()
+            assert isinstance(event, Interrupt) and event.vector == STORM
+            progress.unpark_all()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        sent = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline or not sent:
+            await system.testdev.notify(STORM, MAX_NOTIFY_COUNT)
+            sent += MAX_NOTIFY_COUNT
+        with trio.fail_after(SETTLE_TIMEOUT):
+            while counted[STORM] - first < sent:
+                await progress.park()
+        elapsed = time.perf_counter() - start
+        nursery.cancel_scope.cancel()
+    if counted[STORM] - first != sent:
+        raise RuntimeError(f"sent {sent} notifications, the VMM accounted {counted[STORM] - first}")
+    return sent / elapsed
