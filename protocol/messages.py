@@ -352,4 +352,39 @@ class DeviceState(Message):
     state: Literal["up", "down"]
 
 
+
+# --- ivshmem -------------------------------------------------------------------------------
+
+PeerId = Annotated[int, Range(0, 0xFFFF)]
+
+
+@notice("ivshmem_position")
+@message
+class IvshmemPosition(Message):
+    """Hub -> ivshmem device: its peer id in its domain (the IVPosition register), or -1
+    while it is not a member (as QEMU's device before the server's greeting). Resets the
+    device's view of the domain to itself; ``IvshmemPeer`` notices follow for the others."""
+
+    peer_id: Annotated[int, Range(-1, 0xFFFF)]
+
+
+@notice("ivshmem_peer")
+@message
+class IvshmemPeer(Message):
+    """Hub -> VMM and ivshmem device: peer ``peer_id`` joined or left the shared-memory
+    domain of ``device``. A VMM hears of a join after its doorbell ioeventfds are set."""
+
+    device: DeviceId
+    peer_id: PeerId
+    joined: bool
+
+
+@notice("ivshmem_intx")
+@message
+class IvshmemIntx(Message):
+    """Hub -> ivshmem device: a peer rang ``vector`` while the device's MSI-X is disabled,
+    so IntrStatus gets its bit (INTx mode)."""
+
+    vector: Vector
+
 __all__ = [name for name, obj in globals().items() if isinstance(obj, type)]
