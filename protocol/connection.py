@@ -208,7 +208,8 @@ class Connection:
         spec = spec_of(body)
         if spec.oneway:
             raise TypeError(f"{spec.name} is a notice; use send_notice")
-        self._check_fds(spec.name, spec.expected_request_fds(body), fds)
+        if fds or spec.request_fds:
+            self._check_fds(spec.name, spec.expected_request_fds(body), fds)
         request_id = self._next_id
         data = self._frame([REQUEST, request_id, spec.name, body.to_wire()], len(fds))
         self._next_id = request_id + 1
@@ -228,7 +229,8 @@ class Connection:
             raise TypeError(
                 f"{request.op} replies with {spec.reply.__name__}, not {type(body).__name__}"
             )
-        self._check_fds(f"{request.op} reply", spec.expected_reply_fds(body), fds)
+        if fds or spec.reply_fds:
+            self._check_fds(f"{request.op} reply", spec.expected_reply_fds(body), fds)
         return self._frame([REPLY, request.id, body.to_wire()], len(fds))
 
     def send_error(self, request_id: int, error: MessageError) -> bytes:
@@ -302,38 +304,35 @@ class Connection:
         Raises ProtocolError if the stream is broken (the connection is closed then; the
         caller should send ``send_closing(str(error))`` if it can, then close the transport),
         and ConnectionClosed if the connection was closed already."""
-        while True:
-            event = self._next_event()
+        while True:  # until an event that is not a late reply (those are dropped)
+            if self.state is State.CLOSED:
+                raise ConnectionClosed("connection is closed")
+            try:
+                frame = self._decoder.next_frame()
+            except ProtocolError:
+                self.close()
+                raise
+            if frame is None:
+                if self._eof:
+                    midframe = self._decoder.buffered > 0
+                    self.close()
+                    if midframe:
+                        raise ProtocolError("peer closed the connection in the middle of a frame")
+                    return Closing("peer closed the connection")
+                return NEED_DATA
+            try:
+                envelope = msgpack.unpackb(frame.body, raw=False, strict_map_key=True)
+                event = self._dispatch(envelope, frame.fds)
+            except ProtocolError:
+                close_all(frame.fds)
+                self.close()
+                raise
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                close_all(frame.fds)
+                self.close()
+                raise ProtocolError(f"undecodable frame body: {exc}") from None
             if event is not _LATE:
                 return event  # type: ignore[return-value]
-
-    def _next_event(self) -> Event | _NeedData | object:
-        if self.state is State.CLOSED:
-            raise ConnectionClosed("connection is closed")
-        try:
-            frame = self._decoder.next_frame()
-        except ProtocolError:
-            self.close()
-            raise
-        if frame is None:
-            if self._eof:
-                midframe = self._decoder.buffered > 0
-                self.close()
-                if midframe:
-                    raise ProtocolError("peer closed the connection in the middle of a frame")
-                return Closing("peer closed the connection")
-            return NEED_DATA
-        try:
-            envelope = msgpack.unpackb(frame.body, raw=False, strict_map_key=True)
-            return self._dispatch(envelope, frame.fds)
-        except ProtocolError:
-            close_all(frame.fds)
-            self.close()
-            raise
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            close_all(frame.fds)
-            self.close()
-            raise ProtocolError(f"undecodable frame body: {exc}") from None
 
     def _dispatch(self, envelope: Any, fds: list[OwnedFd]) -> Event | object:
         if type(envelope) is not list or not envelope or type(envelope[0]) is not int:

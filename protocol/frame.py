@@ -68,10 +68,11 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
         """Take ``data`` and ownership of ``fds`` (closed by ``close()`` if never claimed)."""
-        owned = deque(OwnedFd(fd, "received") for fd in fds)
-        if owned:
-            start = self._offset + len(self._buffer)
-            self._batches.append(_FdBatch(start, start + len(data), owned))
+        if fds:
+            owned = deque(OwnedFd(fd, "received") for fd in fds)
+            if owned:
+                start = self._offset + len(self._buffer)
+                self._batches.append(_FdBatch(start, start + len(data), owned))
         self._buffer += data
 
     @property
@@ -86,9 +87,13 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None if more bytes are needed."""
         buffer = self._buffer
+        batches = self._batches
+        if not buffer and not batches:
+            return None  # the common case between frames: nothing in hand
         if self._length < 0:
             if len(buffer) < HEADER.size:
-                self._check_unclaimable(self._offset)
+                if batches:
+                    self._check_unclaimable(self._offset)
                 return None
             magic, flags, nfds, length = HEADER.unpack_from(buffer)
             if magic != MAGIC:
@@ -103,12 +108,14 @@ class FrameDecoder:
                 raise ProtocolError(
                     f"frame declares {nfds} fds, more than the maximum of {self.max_fds}"
                 )
-            self._check_unclaimable(self._offset)
+            if batches:
+                self._check_unclaimable(self._offset)
             if nfds:
                 self._claim(nfds)
             self._length = length
         end = HEADER.size + self._length
-        self._check_unclaimable(self._offset + end)
+        if batches:
+            self._check_unclaimable(self._offset + end)
         if len(buffer) < end:
             return None
         body = bytes(memoryview(buffer)[HEADER.size : end])

@@ -21,8 +21,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from typing import Final
+from enum import Enum
 
 import trio
 from msixhub.protocol.connection import (
@@ -65,18 +64,42 @@ RequestHandler = Callable[["Peer", Request], Awaitable[Message | ReplyWithFds]]
 NoticeHandler = Callable[["Peer", Notice], Awaitable[None]]
 
 
-class _TimedOut:
-    """The watchdog's verdict on a request whose deadline passed."""
+class _Verdict(Enum):
+    """How a request ended without an answer."""
+
+    TIMED_OUT = "timed out"
+    CLOSED = "connection closed"
 
 
-_TIMED_OUT: Final = _TimedOut()
+Outcome = Reply | ErrorReply | RejectedReply | _Verdict
 
 
-@dataclass(slots=True)
 class _Waiter:
-    deadline: float
-    done: trio.Event = field(default_factory=trio.Event)
-    result: Reply | ErrorReply | RejectedReply | _TimedOut | None = None
+    """One request awaiting its outcome; its task is parked only while ``task`` is set."""
+
+    __slots__ = ("deadline", "result", "task")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.result: Outcome | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    def resolve(self, result: Outcome) -> None:
+        self.result = result
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.task = None  # cancelled: request() cleans up on its way out
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def wait(self) -> Outcome:
+        if self.result is None:
+            self.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        assert self.result is not None
+        return self.result
 
 
 async def _refuse_requests(peer: Peer, request: Request) -> Message:
@@ -161,28 +184,26 @@ class Peer:
             if watchdog is None:  # nobody serves this peer (yet): a scope of our own
                 with trio.fail_after(timeout):
                     await self._send(data, fds)
-                    await waiter.done.wait()
+                    result = await waiter.wait()
             else:
                 if waiter.deadline < watchdog.deadline:
                     watchdog.deadline = waiter.deadline
                 await self._send(data, fds)
-                await waiter.done.wait()
-            result = waiter.result
-            if result is _TIMED_OUT:
-                raise trio.TooSlowError
+                result = await waiter.wait()
         except BaseException:
             self._waiters.pop(request_id, None)
             self.connection.forget(request_id)
-            if isinstance(waiter.result, Reply):
+            if isinstance(waiter.result, Reply):  # it came, but too late for us
                 close_all(waiter.result.fds)
             raise
-        if isinstance(result, Reply):
+        if type(result) is Reply:
             return result.body, result.fds
-        if isinstance(result, ErrorReply):
+        if type(result) is ErrorReply:
             raise RemoteError(result.code, result.message)
-        if isinstance(result, RejectedReply):
+        if type(result) is RejectedReply:
             raise result.error
-        self._waiters.pop(request_id, None)
+        if result is _Verdict.TIMED_OUT:
+            raise trio.TooSlowError
         raise ConnectionClosed(self.close_reason or "connection closed before the reply")
 
     async def call(
@@ -190,7 +211,8 @@ class Peer:
     ) -> Message:
         """A request whose reply carries no fds (any that come are closed)."""
         reply, reply_fds = await self.request(body, fds, timeout=timeout)
-        close_all(reply_fds)
+        if reply_fds:
+            close_all(reply_fds)
         return reply
 
     async def notify(self, body: Message, fds: Sequence[int] = ()) -> None:
@@ -202,19 +224,30 @@ class Peer:
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Send one whole frame, or close the connection (and raise ConnectionClosed)."""
+        """Send one whole frame, or close the connection (and raise ConnectionClosed).
+
+        The lock is taken only when the frame cannot go out at once: a frame the socket
+        takes whole is sent without any await, so nothing can interleave with it."""
         lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
+        if lock.locked():
             await lock.acquire()  # cancellable: nothing of this frame is out yet
+        else:
+            try:
+                sent = self.transport.send_nowait(data, fds)
+            except ConnectionClosed as exc:
+                await self._shut_down(str(exc), tell_peer=False)
+                raise
+            if sent == len(data):
+                return
+            lock.acquire_nowait()  # still free: nothing was awaited since we looked
+            data = memoryview(data)[sent:]
+            if sent:
+                fds = ()
         try:
-            sent = self.transport.send_nowait(data, fds)
-            if sent < len(data):
-                # Once a frame has begun it must end, whatever happens to our caller;
-                # send_timeout bounds how long a peer that stopped reading can hold us.
-                with trio.CancelScope(shield=True), trio.fail_after(self.send_timeout):
-                    await self.transport.send(memoryview(data)[sent:], () if sent else fds)
+            # Once a frame has begun it must end, whatever happens to our caller;
+            # send_timeout bounds how long a peer that stopped reading can hold us.
+            with trio.CancelScope(shield=True), trio.fail_after(self.send_timeout):
+                await self.transport.send(data, fds)
         except trio.TooSlowError:
             self.log.warning("closing: peer stopped reading (send timed out)")
             await self._shut_down("peer stopped reading (send timed out)", tell_peer=False)
@@ -296,8 +329,7 @@ class Peer:
                 if waiter.deadline <= now:
                     del self._waiters[request_id]
                     self.connection.forget(request_id)
-                    waiter.result = _TIMED_OUT
-                    waiter.done.set()
+                    waiter.resolve(_Verdict.TIMED_OUT)
                 else:
                     deadline = min(deadline, waiter.deadline)
 
@@ -306,8 +338,7 @@ class Peer:
         if waiter is None:  # an error reply not tied to a request of ours (id 0)
             self.log.warning("unsolicited %s", event)
             return
-        waiter.result = event
-        waiter.done.set()
+        waiter.resolve(event)
 
     async def _handle_notice(self, notice: Notice) -> None:
         try:
@@ -352,18 +383,22 @@ class Peer:
         except ConnectionClosed:
             pass  # the connection closed while the handler ran: nobody to answer
         finally:
-            close_all(list(reply_fds))
-            close_all(request.fds)
+            if reply_fds:
+                close_all(list(reply_fds))
+            if request.fds:
+                close_all(request.fds)
             if holds_slot:
                 self._request_slots.release()
 
     async def _answer_error(self, request_id: int, error: MessageError) -> None:
-        with suppress(ConnectionClosed):
-            await self._send_quietly(self.connection.send_error(request_id, error))
+        with suppress(ConnectionClosed):  # nobody left to answer
+            await self._send(self.connection.send_error(request_id, error))
 
     async def _send_quietly(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        with suppress(ConnectionClosed):
+        try:  # noqa: SIM105 - the reply path: no context manager object per reply
             await self._send(data, fds)
+        except ConnectionClosed:
+            pass  # closed meanwhile, every waiter told: this reply has no reader
 
     async def aclose(self, reason: str = "closed") -> None:
         """Close the connection (telling the peer why, if that can be done without waiting);
@@ -380,8 +415,10 @@ class Peer:
             with suppress(MsixhubError):
                 self.transport.send_nowait(self.connection.send_closing(reason))
         self.connection.close()
-        for waiter in self._waiters.values():
-            waiter.done.set()
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for waiter in waiters:
+            waiter.resolve(_Verdict.CLOSED)
         if self._serve_scope is not None:
             self._serve_scope.cancel()  # serve() closes the transport on its way out
         else:

@@ -26,6 +26,10 @@ RECEIVE_SIZE = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_LIMIT * _FD_SIZE)
 _CLOSED_ERRORS = (OSError, trio.ClosedResourceError)
+# Plain ints: the flag enums cost a Python-level __and__ on every receive.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class Transport:
@@ -64,8 +68,8 @@ class Transport:
         try:
             if fds:
                 ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                return self._raw.sendmsg([data], ancillary, socket.MSG_NOSIGNAL)
-            return self._raw.send(data, socket.MSG_NOSIGNAL)
+                return self._raw.sendmsg([data], ancillary, _MSG_NOSIGNAL)
+            return self._raw.send(data, _MSG_NOSIGNAL)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -92,21 +96,29 @@ class Transport:
 
     async def receive(self) -> tuple[bytes, list[int]]:
         """The next chunk of bytes and the fds that came with it; ``b""`` at end of stream."""
-        if self._last_was_full:
-            await trio.lowlevel.checkpoint()  # the peer may be flooding us: stay fair
-        else:
-            await self._wait_readable()
+        # In a request/reply exchange the next chunk is rarely there before we look, so wait
+        # first; after a full buffer (a peer streaming at us) read first, but stay fair.
+        must_wait = not self._last_was_full
+        if not must_wait:
+            await trio.lowlevel.checkpoint()
         while True:
+            if must_wait:
+                if self.closed:
+                    raise ConnectionClosed("receive failed: transport is closed")
+                try:
+                    await trio.lowlevel.wait_readable(self._raw)
+                except _CLOSED_ERRORS as exc:
+                    raise ConnectionClosed(f"receive failed: {exc}") from None
             try:
                 if self.fd_passing:
                     size, ancillary, flags, _ = self._raw.recvmsg_into(
-                        [self._buffer], _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                        [self._buffer], _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC
                     )
                 else:
                     size, ancillary, flags = self._raw.recv_into(self._buffer), [], 0
                 break
             except BlockingIOError:
-                await self._wait_readable()
+                must_wait = True
             except OSError as exc:
                 raise ConnectionClosed(f"receive failed: {exc}") from None
         self._last_was_full = size == RECEIVE_SIZE
@@ -115,20 +127,12 @@ class Transport:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise ProtocolError("file descriptors were truncated in transit")
         return bytes(self._view[:size]), fds
-
-    async def _wait_readable(self) -> None:
-        if self.closed:
-            raise ConnectionClosed("receive failed: transport is closed")
-        try:
-            await trio.lowlevel.wait_readable(self._raw)
-        except _CLOSED_ERRORS as exc:
-            raise ConnectionClosed(f"receive failed: {exc}") from None
 
     async def aclose(self) -> None:
         if not self.closed:
