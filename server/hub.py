@@ -486,6 +486,7 @@ class Hub:
     async def mmio_read(self, peer: Peer, request: Request) -> Message:
         body: MmioRead = request.body  # type: ignore[assignment]
         device = self._owned_device(peer, body.device)
+        _check_bar_access(device.info, body.bar, body.offset, body.size)
         region = device.msix_region(body.bar, body.offset, body.size)
         layout = device.info.msix
         if region == "table":
@@ -499,6 +500,7 @@ class Hub:
     async def mmio_write(self, peer: Peer, request: Request) -> Message:
         body: MmioWrite = request.body  # type: ignore[assignment]
         device = self._owned_device(peer, body.device)
+        _check_bar_access(device.info, body.bar, body.offset, body.size)
         region = device.msix_region(body.bar, body.offset, body.size)
         layout = device.info.msix
         if region == "table":
@@ -574,6 +576,18 @@ def _check_layout(info: DeviceInfo) -> None:
             )
     if table[0] < pba[0] + pba[1] and pba[0] < table[0] + table[1]:
         raise MessageError(ErrorCode.BAD_RANGE, "MSI-X table and PBA overlap")
+
+
+def _check_bar_access(info: DeviceInfo, bar: int, offset: int, size: int) -> None:
+    """A guest access must fall inside one of the device's BARs; no other reaches the daemon."""
+    bar_size = next((b.size for b in info.bars if b.index == bar), None)
+    if bar_size is None:
+        raise MessageError(ErrorCode.BAD_RANGE, f"{info.device} has no BAR {bar}")
+    if offset + size > bar_size:
+        raise MessageError(
+            ErrorCode.BAD_RANGE,
+            f"{size}-byte access at {offset:#x} is past BAR {bar} ({bar_size:#x} bytes)",
+        )
 
 
 def _same_device(old: DeviceInfo, new: DeviceInfo) -> bool:
