@@ -18,6 +18,7 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "msixhub.server.serve", "run the hub in the foreground"),
     ("spawn", "msixhub.devices.spawn", "run one device daemon in the foreground"),
     ("status", "msixhub.server.status", "show a running hub's devices and vectors"),
+    ("client", "msixhub.client.poke", "attach a device and poke it by hand (registers, MSI-X)"),
     ("bench", "msixhub.bench.cli", "run a benchmark (ours against a bare baseline)"),
     (
         "ivshmem-server",
