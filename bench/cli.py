@@ -13,6 +13,7 @@ from msixhub.bench.report import Report
 BENCHMARKS: dict[str, str] = {
     "irq": "msixhub.bench.irq",
     "msix": "msixhub.bench.msix",
+    "protocol": "msixhub.bench.protocol",
 }
 
 

@@ -352,7 +352,6 @@ class DeviceState(Message):
     state: Literal["up", "down"]
 
 
-
 # --- ivshmem -------------------------------------------------------------------------------
 
 PeerId = Annotated[int, Range(0, 0xFFFF)]
@@ -386,5 +385,6 @@ class IvshmemIntx(Message):
     so IntrStatus gets its bit (INTx mode)."""
 
     vector: Vector
+
 
 __all__ = [name for name, obj in globals().items() if isinstance(obj, type)]

@@ -118,7 +118,9 @@ class Peer:
     for an error reply; any other exception is a bug, logged and answered ``internal``.
     With ``inline_requests=True`` it runs in the reader task, one request at a time: use
     it for handlers that do not wait on this same peer (they cannot: the reply they would
-    wait for is read by the task they block)."""
+    wait for is read by the task they block). Otherwise each request runs in its own task,
+    at most ``MAX_CONCURRENT_REQUESTS`` at once; past that the reader stops reading until
+    one finishes (back-pressure on a flooding peer, which delays our own replies too)."""
 
     def __init__(
         self,
@@ -298,23 +300,22 @@ class Peer:
             except ConnectionClosed as exc:
                 self.close_reason = self.close_reason or str(exc)
                 return
-            kind = type(event)
-            if kind is Reply or kind is ErrorReply or kind is RejectedReply:
-                self._resolve(event)  # type: ignore[arg-type]
-            elif kind is Request:
+            if isinstance(event, Reply | ErrorReply | RejectedReply):
+                self._resolve(event)
+            elif isinstance(event, Request):
                 if self.inline_requests:
-                    await self._handle_request(event)  # type: ignore[arg-type]
+                    await self._handle_request(event)
                 else:
-                    await self._request_slots.acquire()
+                    await self._request_slots.acquire()  # back-pressure on a flooding peer
                     handlers.start_soon(self._handle_request, event, True)
-            elif kind is Notice:
-                await self._handle_notice(event)  # type: ignore[arg-type]
-            elif kind is RejectedRequest:
-                await self._answer_error(event.id, event.error)  # type: ignore[union-attr]
-            elif kind is RejectedNotice:
-                self.log.warning("ignored bad notice %s: %s", event.op, event.error)  # type: ignore[union-attr]
-            elif kind is Closing:
-                self.close_reason = f"peer closed: {event.reason}"  # type: ignore[union-attr]
+            elif isinstance(event, Notice):
+                await self._handle_notice(event)
+            elif isinstance(event, RejectedRequest):
+                await self._answer_error(event.id, event.error)
+            elif isinstance(event, RejectedNotice):
+                self.log.warning("ignored bad notice %s: %s", event.op, event.error)
+            elif isinstance(event, Closing):
+                self.close_reason = f"peer closed: {event.reason}"
                 return
 
     async def _expire_requests(self) -> None:
@@ -337,6 +338,8 @@ class Peer:
         waiter = self._waiters.pop(event.id, None)
         if waiter is None:  # an error reply not tied to a request of ours (id 0)
             self.log.warning("unsolicited %s", event)
+            if isinstance(event, Reply):
+                close_all(event.fds)
             return
         waiter.resolve(event)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
@@ -663,3 +665,15 @@ def test_decoder_close_closes_claimed_and_unclaimed_fds() -> None:
         assert decoder.held_fds == 1
         decoder.close()
         assert decoder.held_fds == 0
+
+
+def test_the_codec_is_sans_io() -> None:
+    """The core imports no event loop and no sockets: anything that moves bytes can drive it."""
+    code = (
+        "import sys, msixhub.protocol.connection, msixhub.protocol.messages;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'socket', 'select')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr

@@ -296,6 +296,8 @@ async def test_a_cancelled_sender_still_finishes_its_frame() -> None:
         return request.body if isinstance(request.body, Echo) else Empty()
 
     async with peer_pair({"on_request": gated, "inline_requests": True}) as (client, _):
+        # A small send buffer, so that the big frame below cannot go out at once.
+        client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.call, Ping())
