@@ -1,0 +1,227 @@
+"""The driver side of a split virtqueue, laid out in guest memory the way Linux does it.
+
+Pure: no I/O besides guest-memory stores, no trio. :mod:`msixhub.client.virtio_driver`
+programs the device registers and waits for interrupts around it.
+
+Layout (Linux ``vring_init``): one allocation, descriptor table first, the available ring
+right after it, the used ring at the next ``align`` boundary (``SMP_CACHE_BYTES`` = 64 for
+virtio-pci modern). Free descriptors are linked through a private copy of the ``next``
+fields (the device can write the table; our bookkeeping must not depend on it). A chain
+of more than one buffer goes into an indirect table when VIRTIO_F_INDIRECT_DESC is
+negotiated, as Linux does; each head owns one preallocated indirect table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from msixhub.devices.guestmem import GuestMemory
+from msixhub.devices.virtio.constants import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
+from msixhub.devices.virtio.ring import DESC, RingLayout, full_barrier, vring_need_event
+
+Buffer = tuple[int, int]  # (guest-physical address, length)
+
+
+class AllocatorExhausted(ValueError):
+    """The guest RAM handed to the allocator is used up."""
+
+
+class QueueFull(ValueError):
+    """Not enough free descriptors for the chain."""
+
+
+class DeviceMisbehaved(ValueError):
+    """The device returned something impossible on the used ring."""
+
+
+class GuestAllocator:
+    """A bump allocator over a range of guest RAM (the toolkit never frees)."""
+
+    def __init__(self, base: int, size: int) -> None:
+        if base < 0 or size <= 0:
+            raise ValueError(f"bad allocator range {base:#x}+{size:#x}")
+        self._next = base
+        self._end = base + size
+
+    def alloc(self, size: int, align: int = 8) -> int:
+        if size <= 0 or align <= 0 or align & (align - 1):
+            raise ValueError(f"bad allocation size={size} align={align}")
+        start = -(-self._next // align) * align
+        if start + size > self._end:
+            raise AllocatorExhausted(f"{size} bytes aligned {align} do not fit")
+        self._next = start + size
+        return start
+
+
+@dataclass(frozen=True, slots=True)
+class Used:
+    """One harvested used-ring entry."""
+
+    token: object
+    length: int
+
+
+def ring_bytes(size: int, align: int) -> tuple[int, int, int]:
+    """(avail offset, used offset, total bytes) of a Linux-style ring allocation."""
+    avail = 16 * size
+    used = -(-(avail + 6 + 2 * size) // align) * align
+    return avail, used, used + 6 + 8 * size
+
+
+class DriverVirtqueue:
+    """One queue as a driver sees it: add chains, decide kicks, harvest used entries."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        allocator: GuestAllocator,
+        size: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        max_indirect: int = 64,
+        align: int = 64,
+    ) -> None:
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.max_indirect = max_indirect
+        avail, used, total = ring_bytes(size, align)
+        base = allocator.alloc(total, 4096)
+        memory.fill(base, total)
+        self.layout = RingLayout(size, base, base + avail, base + used)
+        self.layout.check()
+        self._indirect_base = (
+            allocator.alloc(size * max_indirect * DESC.size, 16) if indirect else 0
+        )
+        self._next = [(i + 1) % size for i in range(size)]
+        self._free_head = 0
+        self.num_free = size
+        self._tokens: list[object | None] = [None] * size
+        self._chain_descs = [0] * size
+        self._avail_idx = 0
+        self._num_added = 0
+        self._last_used = 0
+        self._interrupts_off = False
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        out: Sequence[Buffer],
+        in_: Sequence[Buffer],
+        token: object,
+        *,
+        use_indirect: bool | None = None,
+    ) -> int:
+        """Publish a chain: device-readable ``out`` buffers then device-writable ``in_``.
+
+        ``token`` (not None) comes back from :meth:`get_used`; returns the head.
+        """
+        if token is None:
+            raise ValueError("token must not be None")
+        buffers = [(addr, length, 0) for addr, length in out]
+        buffers += [(addr, length, VIRTQ_DESC_F_WRITE) for addr, length in in_]
+        if not buffers:
+            raise ValueError("a chain needs at least one buffer")
+        if use_indirect is None:
+            use_indirect = self.indirect and 1 < len(buffers) <= self.max_indirect
+        if use_indirect and (not self.indirect or len(buffers) > self.max_indirect):
+            raise ValueError(f"cannot put {len(buffers)} buffers in an indirect table")
+        needed = 1 if use_indirect else len(buffers)
+        if needed > self.num_free:
+            raise QueueFull(f"{needed} descriptors wanted, {self.num_free} free")
+        head = self._free_head
+        if use_indirect:
+            table = self._indirect_base + head * self.max_indirect * DESC.size
+            self._write_chain(table, list(range(len(buffers))), buffers)
+            self._write_chain(
+                self.layout.desc, [head], [(table, DESC.size * len(buffers), VIRTQ_DESC_F_INDIRECT)]
+            )
+        else:
+            positions = [head]
+            for _ in buffers[1:]:
+                positions.append(self._next[positions[-1]])
+            self._write_chain(self.layout.desc, positions, buffers)
+        tail = head
+        for _ in range(needed - 1):
+            tail = self._next[tail]
+        self._free_head = self._next[tail]
+        self.num_free -= needed
+        self._chain_descs[head] = needed
+        self._tokens[head] = token
+        self.memory.write_u16(self.layout.avail + 4 + 2 * (self._avail_idx % self.size), head)
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF  # ring entry before idx (x86 TSO)
+        self.memory.write_u16(self.layout.avail + 2, self._avail_idx)
+        self._num_added += 1
+        return head
+
+    def _write_chain(
+        self, table: int, positions: list[int], buffers: list[tuple[int, int, int]]
+    ) -> None:
+        """Write ``buffers`` as one chain into table entries ``positions``, in order."""
+        for number, (addr, length, flags) in enumerate(buffers):
+            last = number == len(buffers) - 1
+            next_index = 0 if last else positions[number + 1]
+            desc = DESC.pack(addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT), next_index)
+            self.memory.write(table + DESC.size * positions[number], desc)
+
+    def kick_prepare(self) -> bool:
+        """Whether the device wants a notification for what was added since the last call."""
+        full_barrier()
+        old, new = (self._avail_idx - self._num_added) & 0xFFFF, self._avail_idx
+        self._num_added = 0
+        if self.event_idx:
+            avail_event = self.memory.read_u16(self.layout.used + 4 + 8 * self.size)
+            return vring_need_event(avail_event, new, old)
+        return not self.memory.read_u16(self.layout.used) & VIRTQ_USED_F_NO_NOTIFY
+
+    # -- harvest --------------------------------------------------------------------------
+
+    def get_used(self) -> Used | None:
+        """The next used entry, or None. Validates what the device wrote."""
+        used_idx = self.memory.read_u16(self.layout.used + 2)
+        pending = (used_idx - self._last_used) & 0xFFFF
+        if not pending:
+            return None
+        if pending > self.size:
+            raise DeviceMisbehaved(f"used idx {used_idx} is {pending} past {self._last_used}")
+        slot = self.layout.used + 4 + 8 * (self._last_used % self.size)
+        head, length = self.memory.read_u32(slot), self.memory.read_u32(slot + 4)
+        if head >= self.size or self._tokens[head] is None:
+            raise DeviceMisbehaved(f"used ring returns head {head}, which is not in flight")
+        token, self._tokens[head] = self._tokens[head], None
+        tail = head
+        for _ in range(self._chain_descs[head] - 1):
+            tail = self._next[tail]
+        self._next[tail] = self._free_head
+        self._free_head = head
+        self.num_free += self._chain_descs[head]
+        self._last_used = (self._last_used + 1) & 0xFFFF
+        if self.event_idx and not self._interrupts_off:
+            self.memory.write_u16(self.layout.avail + 4 + 2 * self.size, self._last_used)
+        return Used(token, length)
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to interrupt (a hint, like Linux ``virtqueue_disable_cb``)."""
+        self._interrupts_off = True
+        if not self.event_idx:
+            self.memory.write_u16(self.layout.avail, VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+    def enable_interrupts(self) -> bool:
+        """Re-enable interrupts; False if used entries are already waiting (poll again)."""
+        self._interrupts_off = False
+        if self.event_idx:
+            self.memory.write_u16(self.layout.avail + 4 + 2 * self.size, self._last_used)
+        else:
+            self.memory.write_u16(self.layout.avail, 0)
+        full_barrier()
+        return self.memory.read_u16(self.layout.used + 2) == self._last_used

@@ -1,0 +1,317 @@
+"""virtio-blk (virtio 1.x section 5.2) over a raw image file.
+
+A request is ``{le32 type; le32 reserved; le64 sector}``, then data, then one status
+byte the device writes, framed in descriptors any way the driver likes (the device must
+not assume a layout): the header is the first 16 device-readable bytes, the status the
+last device-writable byte. A chain without room for both cannot be answered and stops the
+queue; every other bad request is answered with a status.
+
+Data moves straight between the image and guest memory: ``os.preadv``/``os.pwritev`` on
+views of the mapping, no bounce buffer. :meth:`BlkRequest.execute` is synchronous and
+meant for a worker thread. Ranges are checked against the capacity before any I/O, so a
+request never reads or writes outside the image.
+
+Durability: FLUSH is offered. If the driver does not negotiate it, the device is
+write-through (each write is followed by ``fdatasync``), as 5.2.6.1 requires.
+DISCARD is a checked no-op (5.2.6.1: the device MAY deallocate); WRITE_ZEROES writes
+zeroes and reports ``write_zeroes_may_unmap = 0``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+
+from msixhub.devices.virtio.constants import DeviceId, bit
+from msixhub.devices.virtio.ring import (
+    Chain,
+    VirtqueueError,
+    read_views,
+    slice_views,
+    write_views,
+)
+from msixhub.protocol.fds import OwnedFd
+
+SECTOR = 512
+ID_BYTES = 20
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+_ZERO_CHUNK = 1 << 20
+
+REQUEST_HEADER = struct.Struct("<IIQ")
+SEGMENT = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
+# struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+
+class BlkConfig(IntEnum):
+    """Offsets of the fields of ``struct virtio_blk_config`` a driver reads."""
+
+    CAPACITY = 0
+    SIZE_MAX = 8
+    SEG_MAX = 12
+    BLK_SIZE = 20
+    NUM_QUEUES = 34
+    MAX_DISCARD_SECTORS = 36
+    MAX_DISCARD_SEG = 40
+    DISCARD_SECTOR_ALIGNMENT = 44
+    MAX_WRITE_ZEROES_SECTORS = 48
+    MAX_WRITE_ZEROES_SEG = 52
+    WRITE_ZEROES_MAY_UNMAP = 56
+
+
+class BlkFeature(IntEnum):
+    SIZE_MAX = 1
+    SEG_MAX = 2
+    GEOMETRY = 4
+    RO = 5
+    BLK_SIZE = 6
+    FLUSH = 9
+    TOPOLOGY = 10
+    CONFIG_WCE = 11
+    MQ = 12
+    DISCARD = 13
+    WRITE_ZEROES = 14
+
+
+class BlkType(IntEnum):
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    DISCARD = 11
+    WRITE_ZEROES = 13
+
+
+class BlkStatus(IntEnum):
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+SEGMENT_FLAG_UNMAP = 1
+
+
+class BlkDevice:
+    """The virtio-blk device type: one request queue over an image fd (the caller's)."""
+
+    device_id = DeviceId.BLOCK
+    pci_class = 0x010000  # mass storage, as QEMU's virtio-blk-pci
+    num_queues = 1
+
+    def __init__(
+        self,
+        image: OwnedFd | int,
+        *,
+        read_only: bool = False,
+        queue_size: int = 256,
+        blk_size: int = SECTOR,
+        serial: bytes = b"msixhub",
+        max_discard_sectors: int = 1 << 22,
+        max_write_zeroes_sectors: int = 1 << 22,
+        max_segments: int = 32,
+    ) -> None:
+        if blk_size < SECTOR or blk_size & (blk_size - 1):
+            raise ValueError(f"blk_size {blk_size} is not a power of two >= 512")
+        if len(serial) > ID_BYTES:
+            raise ValueError(f"serial is longer than {ID_BYTES} bytes")
+        if queue_size < 4 or queue_size & (queue_size - 1):
+            raise ValueError(f"queue size {queue_size} is not a power of two >= 4")
+        self.fd = image if isinstance(image, int) else image.fileno()
+        self.read_only = read_only
+        self.max_queue_size = queue_size
+        self.blk_size = blk_size
+        self.serial = serial
+        self.max_discard_sectors = max_discard_sectors
+        self.max_write_zeroes_sectors = max_write_zeroes_sectors
+        self.max_segments = max_segments
+        image_bytes = os.fstat(self.fd).st_size
+        self.capacity = image_bytes // blk_size * (blk_size // SECTOR)  # in 512-byte sectors
+        self._negotiated = 0
+
+    # -- VirtioDevice -------------------------------------------------------------------
+
+    def device_features(self) -> int:
+        features = bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.FLUSH)
+        if self.read_only:
+            return features | bit(BlkFeature.RO)
+        return features | bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES)
+
+    def negotiate(self, features: int) -> bool:
+        self._negotiated = features
+        return True
+
+    def reset(self) -> None:
+        self._negotiated = 0
+
+    def config_space(self) -> bytes:
+        return CONFIG.pack(
+            self.capacity,
+            0,  # size_max (not offered)
+            self.max_queue_size - 2,  # seg_max: room for the header and status descriptors
+            0,
+            0,
+            0,  # geometry
+            self.blk_size,
+            0,
+            0,
+            0,
+            0,  # topology
+            0,
+            0,  # writeback, unused0
+            1,  # num_queues
+            self.max_discard_sectors,
+            self.max_segments,
+            self.blk_size // SECTOR,  # discard_sector_alignment
+            self.max_write_zeroes_sectors,
+            self.max_segments,
+            0,  # write_zeroes_may_unmap
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Every field is read-only without VIRTIO_BLK_F_CONFIG_WCE, which is not offered."""
+
+    def parse(self, queue: int, chain: Chain) -> BlkRequest:
+        if chain.read_len < REQUEST_HEADER.size:
+            raise VirtqueueError(f"blk request at head {chain.head} has no 16-byte header")
+        if chain.write_len < 1:
+            raise VirtqueueError(f"blk request at head {chain.head} has no status byte")
+        kind, _reserved, sector = REQUEST_HEADER.unpack(
+            read_views(chain.readable, REQUEST_HEADER.size)
+        )
+        return BlkRequest(self, chain, kind, sector)
+
+    # -- what requests check --------------------------------------------------------------
+
+    @property
+    def writethrough(self) -> bool:
+        return not self._negotiated & bit(BlkFeature.FLUSH)
+
+    def negotiated(self, feature: BlkFeature) -> bool:
+        return bool(self._negotiated & bit(feature))
+
+    def range_ok(self, sector: int, length: int) -> bool:
+        """Whether ``length`` bytes at ``sector`` are whole blocks inside the image."""
+        return (
+            length % self.blk_size == 0
+            and (sector * SECTOR) % self.blk_size == 0
+            and sector + length // SECTOR <= self.capacity
+        )
+
+
+class BlkRequest:
+    """One parsed virtio-blk request; :meth:`execute` never raises."""
+
+    blocking = True
+
+    def __init__(self, device: BlkDevice, chain: Chain, kind: int, sector: int) -> None:
+        self.device = device
+        self.chain = chain
+        self.kind = kind
+        self.sector = sector
+        self.out_data = slice_views(chain.readable, REQUEST_HEADER.size, chain.read_len)
+        self.in_data = slice_views(chain.writable, 0, chain.write_len - 1)
+        self.status_view = slice_views(chain.writable, chain.write_len - 1, chain.write_len)[0]
+
+    def execute(self) -> int:
+        """Do the request, write the status byte; returns bytes written (data + status)."""
+        try:
+            status, written = self._run()
+        except OSError:
+            status, written = BlkStatus.IOERR, 0
+        try:
+            self.status_view[0] = status
+            return written + 1
+        finally:
+            for view in [*self.out_data, *self.in_data, self.status_view]:
+                view.release()
+
+    def _run(self) -> tuple[BlkStatus, int]:
+        device = self.device
+        match self.kind:
+            case BlkType.IN:
+                length = sum(len(view) for view in self.in_data)
+                if not device.range_ok(self.sector, length):
+                    return BlkStatus.IOERR, 0
+                done = _transfer(os.preadv, device.fd, self.in_data, self.sector * SECTOR)
+                return (BlkStatus.OK, length) if done == length else (BlkStatus.IOERR, 0)
+            case BlkType.OUT:
+                length = sum(len(view) for view in self.out_data)
+                if device.read_only or not device.range_ok(self.sector, length):
+                    return BlkStatus.IOERR, 0
+                done = _transfer(os.pwritev, device.fd, self.out_data, self.sector * SECTOR)
+                if done != length:
+                    return BlkStatus.IOERR, 0
+                self._settle()
+                return BlkStatus.OK, 0
+            case BlkType.FLUSH:
+                os.fdatasync(device.fd)
+                return BlkStatus.OK, 0
+            case BlkType.GET_ID:
+                return BlkStatus.OK, write_views(self.in_data, device.serial.ljust(ID_BYTES, b"\0"))
+            case BlkType.DISCARD | BlkType.WRITE_ZEROES:
+                return self._discard_or_zero(), 0
+            case _:
+                return BlkStatus.UNSUPP, 0
+
+    def _discard_or_zero(self) -> BlkStatus:
+        """Check every segment first, so a bad one leaves the image untouched."""
+        device = self.device
+        zeroes = self.kind == BlkType.WRITE_ZEROES
+        feature = BlkFeature.WRITE_ZEROES if zeroes else BlkFeature.DISCARD
+        if not device.negotiated(feature):
+            return BlkStatus.UNSUPP
+        if device.read_only:
+            return BlkStatus.IOERR
+        raw = b"".join(view.tobytes() for view in self.out_data)
+        if not raw or len(raw) % SEGMENT.size or len(raw) // SEGMENT.size > device.max_segments:
+            return BlkStatus.IOERR
+        limit = device.max_write_zeroes_sectors if zeroes else device.max_discard_sectors
+        segments = list(SEGMENT.iter_unpack(raw))
+        for sector, count, flags in segments:
+            if flags & ~SEGMENT_FLAG_UNMAP or (flags and not zeroes):
+                return BlkStatus.UNSUPP  # 5.2.6.1: unknown flags, or unmap on a discard
+            if count > limit or not device.range_ok(sector, count * SECTOR):
+                return BlkStatus.IOERR
+        if zeroes:
+            for sector, count, _flags in segments:
+                _write_zeroes(device.fd, sector * SECTOR, count * SECTOR)
+            self._settle()
+        return BlkStatus.OK
+
+    def _settle(self) -> None:
+        if self.device.writethrough:
+            os.fdatasync(self.device.fd)
+
+
+def _transfer(
+    op: Callable[[int, Sequence[memoryview], int], int],
+    fd: int,
+    views: list[memoryview],
+    offset: int,
+) -> int:
+    """preadv/pwritev until done, at most IOV_MAX buffers per call; bytes moved (short at EOF)."""
+    pending = list(views)
+    total = 0
+    while pending:
+        moved = op(fd, pending[:IOV_MAX], offset)
+        if moved == 0:
+            break
+        total += moved
+        offset += moved
+        while moved:
+            if len(pending[0]) <= moved:
+                moved -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][moved:]
+                moved = 0
+    return total
+
+
+def _write_zeroes(fd: int, offset: int, length: int) -> None:
+    zeroes = memoryview(bytes(min(length, _ZERO_CHUNK)))
+    while length:
+        written = os.pwrite(fd, zeroes[: min(length, len(zeroes))], offset)
+        offset += written
+        length -= written
