@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from msixhub.client.msix_guest import FUNCTION_MASK, MSIX_ENABLE, pba_pending, set_vector_mask
 from msixhub.client.vmm import IntxEvent
 from msixhub.testing.system import (
@@ -174,12 +173,6 @@ async def test_direct_policy_delivers_by_message_through_the_hub(tmp_path: Path)
         assert (await system.status.vector("dev0", 0))["delivered"] == 3
 
 
-@pytest.mark.xfail(
-    reason="client/vmm.py: a new AttachedDevice starts from a reset view (all masked, zero "
-    "messages) instead of the table and control the hub kept; its reader stays off for a "
-    "vector the guest sees unmasked (fix: load the view with mmio/control reads on attach)",
-    strict=True,
-)
 async def test_a_new_attachment_starts_from_the_table_the_hub_kept(tmp_path: Path) -> None:
     """The MSI-X state outlives an attachment; the next VMM's view of it must match what
     its guest reads, or it would not read the eventfd of a vector the guest sees unmasked."""
@@ -199,3 +192,24 @@ async def test_a_new_attachment_starts_from_the_table_the_hub_kept(tmp_path: Pat
         interrupt = await next_interrupt(system.vm, timeout=1.0)  # it takes milliseconds
         assert (interrupt.vector, interrupt.count) == (0, 1)
         assert (interrupt.address, interrupt.data) == message_of(0)
+
+
+async def test_unuse_drops_and_use_again_restores_the_route(tmp_path: Path) -> None:
+    async with running_system(tmp_path) as system:
+        testdev = system.testdev
+        await testdev.setup(range(1))
+        assert await testdev.use(0)  # refcount 2: one unuse keeps the route
+        await testdev.unuse(0)
+        await expect_sentinel(system, 0)
+
+        await testdev.unuse(0)  # the last reference: the route and the channel go
+        assert 0 not in system.device.irq_fds
+        await testdev.notify(0)  # nobody uses it: dropped, as in QEMU
+        row = await system.status.vector("dev0", 0)
+        assert (row["used"], row["route"], row["dropped"]) == (0, None, 1)
+
+        assert await testdev.use(0)  # a new route, a new eventfd, straight to us again
+        assert 0 in system.device.irq_fds
+        await expect_sentinel(system, 0)
+        assert system.device.interrupts[0] == 2
+        assert (await system.status.vector("dev0", 0))["delivered"] == 0
