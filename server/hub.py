@@ -478,9 +478,11 @@ class Hub:
             old = vmm.memory
             vmm.regions = list(regions)
             vmm.memory = [OwnedFd(fd.detach(), "guest-memory") for fd in request.fds]
-            for device in vmm.devices.values():
-                await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
-            close_all(old)
+            try:
+                for device in vmm.devices.values():
+                    await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
+            finally:  # the VMM may vanish meanwhile (we are cancelled): the old fds go anyway
+                close_all(old)
         return Empty()
 
     async def mmio_read(self, peer: Peer, request: Request) -> Message:

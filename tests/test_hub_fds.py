@@ -1,6 +1,6 @@
 """The hub's fd table stays flat across many attachments: 1,000 attach/detach cycles, then
-1,000 VMM connections that vanish without detaching (half of them with an attach and a
-memory table still in flight).
+1,000 VMM connections that vanish without detaching (some with an attach and a memory
+table still in flight, some while the hub hands their new memory table to the daemon).
 
 Each attachment moves fds both ways (kick fds and irq fds to the VMM, guest memory to the
 hub and on to the daemon), so a leak of one fd per cycle shows as hundreds. The count is
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import trio
 from msixhub.client.vmm import connect
-from msixhub.protocol.fds import memfd
+from msixhub.protocol.fds import close_all, memfd
 from msixhub.protocol.messages import Attach, Region, SetMemTable
-from msixhub.protocol.peer import connect_unix, handshake
+from msixhub.protocol.peer import connect_unix, handshake, open_peer
 from msixhub.testing.processes import open_fds
 from msixhub.testing.system import Testdev, TestdevSystem, next_interrupt, running_system
 
@@ -91,15 +91,31 @@ async def vanish_mid_request(socket: str, index: int) -> None:
         await transport.aclose()
 
 
+async def vanish_replacing_memory(socket: str, index: int) -> None:
+    """A VMM that attached, and is gone while the hub hands its new memory table on."""
+    transport = await connect_unix(socket)
+    async with open_peer(transport, "vmm", name=f"gone{index}") as peer:
+        with memfd(4096, "first") as memory:
+            await peer.call(SetMemTable([Region(0, 4096, 0)]), [memory.fileno()])
+        _, kicks = await peer.request(Attach("dev0"))
+        close_all(kicks)
+        with memfd(8192, "second") as memory:
+            table = SetMemTable([Region(0, 8192, 0)])
+            _, data = peer.connection.send_request(table, [memory.fileno()])
+            await peer.transport.send(data, [memory.fileno()])
+
+
+VANISHING = (vanish_after_attach, vanish_mid_request, vanish_replacing_memory)
+
+
 async def test_vanishing_vmms_leak_no_fd(tmp_path: Path) -> None:
     async with running_system(tmp_path, vectors=2, queues=2) as system:
         await system.testdev.setup(range(2))
         await system.vm.detach("dev0")  # returns once the hub has released it
         hub_before = open_fds(system.hub.pid)
 
-        for index in range(CYCLES // 2):
-            await vanish_after_attach(system.hub.socket, index)
-            await vanish_mid_request(system.hub.socket, index)
+        for index in range(CYCLES):
+            await VANISHING[index % len(VANISHING)](system.hub.socket, index)
 
         assert await settled_fd_count(system, hub_before) == hub_before
         device = await system.status.device("dev0")
