@@ -323,7 +323,7 @@ async def test_transport_restart_resubmits_in_flight_requests() -> None:
                     system.runner.held = None
                     restarted = VirtioPciTransport(
                         BlkDevice(image),
-                        system.memory,
+                        system.transport.memory,
                         vectors=system.vectors,
                         interrupts=system.sink,
                         runner=system.runner,

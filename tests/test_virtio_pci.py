@@ -33,7 +33,7 @@ from msixhub.devices.virtio.pci import (
 )
 from msixhub.devices.virtio.rng import RngDevice
 from msixhub.protocol.fds import memfd
-from virtio_harness import Runner, Sink, VectorBook, virtio_system
+from virtio_harness import MEMORY_SIZE, Runner, Sink, VectorBook, virtio_system
 
 NO = VIRTIO_MSI_NO_VECTOR
 L = BarLayout()
@@ -385,3 +385,23 @@ async def test_blk_request_without_status_byte_stops_the_queue(image: int) -> No
             await system.transport.write(L.notify_address(0), 2, 0)
             await system.driver.wait_config_change()
             assert "no status byte" in (system.transport.queue_error(0) or "")
+
+
+async def test_new_memory_table_is_followed_by_live_rings(image: int) -> None:
+    async with virtio_system(lambda: BlkDevice(image)) as system:
+        with trio.fail_after(10):
+            blk = BlkDriver(system.driver)
+            await blk.start()
+            await blk.write(0, b"m" * 512)
+            old = system.transport.memory
+            fresh = GuestMemory.from_memfd(system.fd, MEMORY_SIZE)
+            system.transport.set_memory(fresh)
+            assert old.close() is True  # nothing of the device pins the old table any more
+            assert await blk.read(0, 512) == b"m" * 512
+            with memfd(4096) as small_fd:
+                too_small = GuestMemory.from_memfd(small_fd, 4096)
+            system.transport.set_memory(too_small)  # the ring is not covered any more
+            assert system.transport.status & Status.DEVICE_NEEDS_RESET
+            assert "outside guest memory" in (system.transport.queue_error(0) or "")
+            system.transport.set_memory(fresh)
+            too_small.close()

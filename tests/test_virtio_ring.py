@@ -349,14 +349,16 @@ def test_bad_ring_layouts(memory: GuestMemory, layout: RingLayout, error: str) -
 
 
 _addresses = st.one_of(
+    st.integers(BUF, MEM - 0x200),
+    st.integers(BUF, MEM - 0x200),
     st.integers(BUF, MEM - 1),
     st.sampled_from([0, MEM - 16, MEM - 1, MEM, INDIRECT_TABLE, (1 << 64) - 8, (1 << 64) - 1]),
     st.integers(0, (1 << 64) - 1),
 )
 _descriptors = st.tuples(
     _addresses,
-    st.one_of(st.integers(0, 0x200), st.sampled_from([16, 32, 48, 0x10000, 0xFFFFFFFF])),
-    st.integers(0, 7),
+    st.one_of(st.integers(1, 0x200), st.sampled_from([0, 16, 32, 48, 0x10000, 0xFFFFFFFF])),
+    st.one_of(st.integers(0, 3), st.integers(0, 7)),
     st.integers(0, SIZE + 1),
 )
 
@@ -366,7 +368,7 @@ _descriptors = st.tuples(
     main=st.lists(_descriptors, min_size=SIZE, max_size=SIZE),
     indirect=st.lists(_descriptors, min_size=4, max_size=4),
     heads=st.lists(st.integers(0, SIZE), min_size=SIZE, max_size=SIZE),
-    avail_idx=st.integers(0, 0xFFFF),
+    avail_idx=st.one_of(st.integers(1, SIZE), st.integers(0, 0xFFFF)),
     options=st.fixed_dictionaries({"event_idx": st.booleans(), "indirect": st.booleans()}),
 )
 def test_generated_tables_never_escape_memory_or_crash(

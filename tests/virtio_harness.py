@@ -119,19 +119,23 @@ class Runner:
 
 
 class Access:
-    """The driver's register path, straight into the transport."""
+    """The driver's register path, straight into the transport, one access at a time
+    (the lock the daemon holds around register accesses)."""
 
     def __init__(self, transport: VirtioPciTransport) -> None:
         self.transport = transport
         self.msix_enabled: list[bool] = []
+        self._lock = trio.Lock()
 
     async def read(self, bar: int, offset: int, size: int) -> int:
         assert bar == self.transport.layout.bar
-        return self.transport.read(offset, size)
+        async with self._lock:
+            return self.transport.read(offset, size)
 
     async def write(self, bar: int, offset: int, size: int, value: int) -> None:
         assert bar == self.transport.layout.bar
-        await self.transport.write(offset, size, value)
+        async with self._lock:
+            await self.transport.write(offset, size, value)
 
     async def set_msix_enabled(self, enabled: bool) -> None:
         self.msix_enabled.append(enabled)
@@ -160,11 +164,12 @@ async def virtio_system(
     state: DeviceStateRegion | None = None,
 ) -> AsyncIterator[System]:
     fd = memfd(MEMORY_SIZE, "virtio-test")
-    memory = GuestMemory.from_memfd(fd, MEMORY_SIZE)
+    memory = GuestMemory.from_memfd(fd, MEMORY_SIZE)  # the VMM's mapping
+    device_memory = GuestMemory.from_memfd(fd, MEMORY_SIZE)  # the daemon's
     device = make_device()
     vectors, sink, runner = VectorBook(msix_vectors, budget), Sink(), Runner()
     transport = VirtioPciTransport(
-        device, memory, vectors=vectors, interrupts=sink, runner=runner, state=state
+        device, device_memory, vectors=vectors, interrupts=sink, runner=runner, state=state
     )
     runner.transport = transport
     access = Access(transport)
@@ -183,5 +188,6 @@ async def virtio_system(
             yield System(fd, memory, device, transport, driver, vectors, sink, runner, access)
             nursery.cancel_scope.cancel()
     finally:
+        transport.memory.close()
         memory.close()
         fd.close()

@@ -388,7 +388,7 @@ class VirtioPciTransport:
     def _common_image(self) -> bytes:
         st = self._st
         q = self._selected()
-        regs = q.regs if q is not None else QueueRegisters(size=0, msix_vector=0)
+        regs = q.regs if q is not None else QueueRegisters(size=0)
         offered = self.device.device_features() | TRANSPORT_FEATURES
         return COMMON_CFG.pack(
             st.device_feature_select,
@@ -572,6 +572,18 @@ class VirtioPciTransport:
     def _save(self) -> None:
         if self._region is not None:
             self._region.save(self._st)
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """A new memory table; live rings translate their areas again (a ring the new
+        table no longer covers stops its queue). The caller closes the old table."""
+        self.memory = memory
+        for index, q in enumerate(self._queues):
+            if q.ring is None:
+                continue
+            try:
+                q.ring.remap(memory)
+            except VirtqueueError as exc:
+                self._fail(index, exc)
 
     # -- restart --------------------------------------------------------------------------
 

@@ -199,13 +199,7 @@ class SplitVirtqueue:
         self._in_use = bytearray(self.size)
         for head in in_flight_heads:
             self._in_use[head] = 1
-        try:
-            self._desc = memory.translate(layout.desc, layout.desc_bytes)
-            self._avail = memory.translate(layout.avail, layout.avail_bytes)
-            self._used_ring = memory.translate(layout.used, layout.used_bytes)
-        except GuestMemoryError as exc:
-            self.close()
-            raise VirtqueueError(f"ring outside guest memory: {exc}") from exc
+        self._desc, self._avail, self._used_ring = self._map_areas(memory)
 
     @classmethod
     def recover(
@@ -248,12 +242,33 @@ class SplitVirtqueue:
             raise
         return ring, chains
 
+    def _map_areas(self, memory: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
+        layout = self.layout
+        views: list[memoryview] = []
+        try:
+            for address, length in (
+                (layout.desc, layout.desc_bytes),
+                (layout.avail, layout.avail_bytes),
+                (layout.used, layout.used_bytes),
+            ):
+                views.append(memory.translate(address, length))
+        except GuestMemoryError as exc:
+            for view in views:
+                view.release()
+            raise VirtqueueError(f"ring outside guest memory: {exc}") from exc
+        return views[0], views[1], views[2]
+
+    def remap(self, memory: GuestMemory) -> None:
+        """Follow a new memory table (chains popped before keep their own views)."""
+        areas = self._map_areas(memory)
+        self.close()
+        self._desc, self._avail, self._used_ring = areas
+        self.memory = memory
+
     def close(self) -> None:
         """Release the ring views (chains already popped keep their own)."""
-        for name in ("_desc", "_avail", "_used_ring"):
-            view = getattr(self, name, None)
-            if view is not None:
-                view.release()
+        for view in (self._desc, self._avail, self._used_ring):
+            view.release()
 
     @property
     def last_avail_idx(self) -> int:
