@@ -79,6 +79,12 @@ class _Pending:
 
 
 class VirtioPciDriver:
+    """One virtio-pci function as a guest driver sees it.
+
+    ``msix_vectors`` is how many MSI-X table entries the VMM side has programmed for the
+    device (0: the driver goes straight to INTx).
+    """
+
     def __init__(
         self,
         access: RegisterAccess,

@@ -220,14 +220,6 @@ class GuestMemory:
                 raise GuestMemoryError(f"no guest memory at {gpa:#x} (hole in the range)")
             mapping = self._maps[index]
 
-    def contains(self, gpa: int, length: int) -> bool:
-        """Whether ``[gpa, gpa + length)`` lies inside one region."""
-        try:
-            mapping = self._lookup(gpa, length)
-        except GuestMemoryError:
-            return False
-        return gpa + length <= mapping.region.end
-
     def _lookup(self, gpa: int, length: int) -> _Mapping:
         return self._maps[self._locate(gpa, length)]
 

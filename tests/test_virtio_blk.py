@@ -239,7 +239,7 @@ def test_framings_linux_does_not_use(image: int) -> None:
         device_ring.close()
 
 
-def test_transfers_split_at_iov_max(tmp_path: object) -> None:
+def test_transfers_split_at_iov_max() -> None:
     with tempfile.TemporaryFile() as file:
         count = blk_module.IOV_MAX + 476
         data = random.Random(7).randbytes(count * 64)

@@ -278,8 +278,8 @@ async def test_blk_comes_up_with_one_vector_per_queue_and_config(image: int) -> 
             )
             await blk.write(0, b"a" * 512)
             assert set(system.sink.notified) == {1}  # used buffers use the queue's vector
-            assert await system.transport.write(L.device, 8, 0) is None  # RO config: ignored
-            assert blk.capacity == 2048 == system.transport.read(L.device, 4)
+            await system.transport.write(L.device, 8, 0)  # read-only config: ignored
+            assert blk.capacity == 2048 == system.transport.read(L.device, 8)
             system.transport.config_changed()
             assert system.sink.notified[-1] == 0 and system.driver.config_changes == 1
 

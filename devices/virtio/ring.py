@@ -154,15 +154,20 @@ def slice_views(views: list[memoryview], start: int, stop: int) -> list[memoryvi
 
 def read_views(views: list[memoryview], length: int) -> bytes:
     """A copy of the first ``length`` bytes of the concatenation of ``views`` (or fewer)."""
-    return b"".join(view.tobytes() for view in slice_views(views, 0, length))
+    parts = []
+    for view in slice_views(views, 0, length):
+        with view:
+            parts.append(view.tobytes())
+    return b"".join(parts)
 
 
 def write_views(views: list[memoryview], data: bytes) -> int:
     """Copy ``data`` into the concatenation of ``views``; returns the bytes copied."""
     done = 0
     for view in slice_views(views, 0, len(data)):
-        view[:] = data[done : done + len(view)]
-        done += len(view)
+        with view:
+            view[:] = data[done : done + len(view)]
+            done += len(view)
     return done
 
 
@@ -194,6 +199,7 @@ class SplitVirtqueue:
         self.indirect = indirect
         self._inflight = inflight
         self._last_avail = last_avail_idx & 0xFFFF
+        self._shadow_avail = self._last_avail  # the driver's avail idx as last read
         self._used = used_idx & 0xFFFF
         self._signalled_used: int | None = None  # unknown: the next check notifies
         self._in_use = bytearray(self.size)
@@ -285,22 +291,25 @@ class SplitVirtqueue:
 
     # -- available side ---------------------------------------------------------------
 
-    def _avail_idx(self) -> int:
+    def _refresh_avail(self) -> bool:
+        """Read the driver's avail idx; whether entries are waiting."""
         idx: int = _U16.unpack_from(self._avail, 2)[0]
         pending = (idx - self._last_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(
                 f"avail idx {idx} is {pending} entries past {self._last_avail} (size {self.size})"
             )
-        return pending
+        self._shadow_avail = idx
+        return pending != 0
 
     def pop(self) -> Chain | None:
         """The next available chain, or None after arming the driver's next kick."""
-        if not self._avail_idx():
+        # The avail idx is read again only once the entries seen last time are taken.
+        if self._shadow_avail == self._last_avail and not self._refresh_avail():
             if self.event_idx:
                 _U16.pack_into(self._used_ring, 4 + 8 * self.size, self._last_avail)
             full_barrier()
-            if not self._avail_idx():
+            if not self._refresh_avail():
                 return None
         head: int = _U16.unpack_from(self._avail, 4 + 2 * (self._last_avail % self.size))[0]
         if head >= self.size:
