@@ -294,14 +294,16 @@ class ClearIrqFd(Message):
 @request("set_ioeventfd", fds=1)
 @message
 class SetIoeventfd(Message):
-    """Hub -> VMM: a guest write of ``datamatch`` (any value if None) to ``device``'s ``bar``
-    at ``offset`` is an eventfd write on this fd, done by the VMM without asking anyone
-    (KVM's ioeventfd). ivshmem doorbells ring peers this way, the hub off the path."""
+    """Hub -> VMM: a guest write of ``size`` bytes of ``datamatch`` (any value if None) to
+    ``device``'s ``bar`` at ``offset`` is an eventfd write on this fd, done by the VMM without
+    asking anyone (KVM's ioeventfd; a write of another width does not match). ivshmem
+    doorbells ring peers this way, the hub off the path."""
 
     device: DeviceId
     bar: BarIndex
     offset: U64
     datamatch: U64 | None = None
+    size: AccessSize = 4
 
 
 @request("clear_ioeventfd")
@@ -311,6 +313,7 @@ class ClearIoeventfd(Message):
     bar: BarIndex
     offset: U64
     datamatch: U64 | None = None
+    size: AccessSize = 4
 
 
 @request("set_bar_memory", fds=1)
