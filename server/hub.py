@@ -68,6 +68,7 @@ log = logging.getLogger("msixhub.hub")
 FUNCTION_MASK = 1 << 14
 DEVICE_WAIT = 5.0  # how long a guest access waits for a restarting daemon
 OUTBOX_SIZE = 4096
+TELL_TIMEOUT = 2.0  # how long a peer may take to answer a message the hub sends it
 
 
 @dataclass(eq=False)
@@ -281,16 +282,10 @@ class Hub:
     ) -> None:
         if device.peer is None:
             return  # it gets the whole state when it registers again
-        try:
-            await device.peer.call(body, [fd.fileno() for fd in fds])
-        except (RemoteError, ConnectionClosed, trio.TooSlowError) as exc:
-            log.warning("device %s did not take %s: %s", device.id, type(body).__name__, exc)
+        await _tell(device.peer, f"device {device.id}", body, fds)
 
     async def _tell_vmm(self, vmm: Vmm, body: Message, fds: Iterable[OwnedFd] = ()) -> None:
-        try:
-            await vmm.peer.call(body, [fd.fileno() for fd in fds])
-        except (RemoteError, ConnectionClosed, trio.TooSlowError) as exc:
-            log.warning("VMM %s did not take %s: %s", vmm.name, type(body).__name__, exc)
+        await _tell(vmm.peer, f"VMM {vmm.name}", body, fds)
 
     # --- device daemons --------------------------------------------------------------------
 
@@ -560,6 +555,21 @@ class Hub:
                 device.inflight.close()
         for vmm in self.vmms.values():
             close_all(vmm.memory)
+
+
+async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> None:
+    """Hand a peer an fd or a table while holding the hub's lock: a peer that does not answer
+    within TELL_TIMEOUT is hung, and is disconnected, so that it stalls the hub once, not
+    once per message (its departure releases what it held)."""
+    try:
+        await peer.call(body, [fd.fileno() for fd in fds], timeout=TELL_TIMEOUT)
+    except trio.TooSlowError:
+        log.warning(
+            "%s did not answer %s in %g s: disconnecting it", who, type(body).__name__, TELL_TIMEOUT
+        )
+        await peer.aclose(f"did not answer {type(body).__name__} in time")
+    except (RemoteError, ConnectionClosed) as exc:
+        log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
 
 
 def _check_layout(info: DeviceInfo) -> None:

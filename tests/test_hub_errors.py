@@ -12,20 +12,26 @@ from pathlib import Path
 
 import pytest
 import trio
-from msixhub.client.msix_guest import MSIX_ENABLE, pba_pending
+from msixhub.client.msix_guest import MSIX_ENABLE, pba_pending, set_vector_mask
 from msixhub.client.vmm import connect
 from msixhub.devices.daemon import NoVectorError, open_device
 from msixhub.devices.testdev import TestDevice
-from msixhub.protocol.errors import ErrorCode, RemoteError
+from msixhub.protocol.connection import Request
+from msixhub.protocol.errors import ConnectionClosed, ErrorCode, RemoteError
 from msixhub.protocol.fds import OwnedFd, close_all, eventfd_write, memfd
-from msixhub.protocol.messages import Detach, MmioRead, MmioWrite, Region, SetMemTable
-from msixhub.testing.processes import ManagedProcess, open_fds
+from msixhub.protocol.messages import Attach, Detach, MmioRead, MmioWrite, Region, SetMemTable
+from msixhub.protocol.peer import Peer, connect_unix, open_peer
+from msixhub.protocol.schema import Message
+from msixhub.server.hub import TELL_TIMEOUT
+from msixhub.testing.processes import ManagedProcess, device_process, open_fds
 from msixhub.testing.system import (
     Testdev,
     TestdevSystem,
     next_interrupt,
     running_system,
 )
+
+STALL_LIMIT = TELL_TIMEOUT + 3.0  # one timeout, and time to spare; not one per fd (4 here)
 
 
 async def expect_interrupts_still_flow(
@@ -218,4 +224,46 @@ async def test_access_outside_the_bars(tmp_path: Path) -> None:
                 await device.mmio_write(bar, offset, size, 0)
             assert error.value.code == ErrorCode.BAD_RANGE
         await system.testdev.setup(range(1))
+        await expect_interrupts_still_flow(system)
+
+
+async def test_a_vmm_that_never_answers_stalls_the_hub_once(tmp_path: Path) -> None:
+    """The hub hands fds to a VMM while holding its lock; one that reads but never answers
+    is disconnected after one timeout, instead of stalling every other VMM once per fd."""
+    async with (
+        running_system(tmp_path, vectors=4) as system,
+        device_process(system.hub, "testdev", "dev1", "--vectors", "4"),
+    ):
+        await system.testdev.setup(range(2))
+        other = await system.vm.attach("dev1")
+        await Testdev(other).setup(range(4))  # four routed vectors: four fds for the next VMM
+        await system.vm.detach("dev1")
+
+        asked = trio.Event()
+
+        async def never_answer(peer: Peer, request: Request) -> Message:
+            asked.set()
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        transport = await connect_unix(system.hub.socket)
+        async with (
+            open_peer(transport, "vmm", name="mute", on_request=never_answer) as mute,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def attach_and_be_hung_up_on() -> None:
+                with pytest.raises(ConnectionClosed):
+                    await mute.request(Attach("dev1"))
+
+            nursery.start_soon(attach_and_be_hung_up_on)
+            with trio.fail_after(STALL_LIMIT):
+                await asked.wait()  # the hub holds its lock, waiting for the mute VMM
+                await set_vector_mask(system.device, 0, True)  # another VMM's write waits once
+                await mute.closed.wait()  # the hub hung up on it
+
+        report = await system.status.wait_for(lambda r: r["vmms"] == ["vm0"])
+        assert [d["vmm"] for d in report["devices"] if d["id"] == "dev1"] == [None]
+        await system.vm.attach("dev1")  # released, as any departed VMM's devices are
+        await set_vector_mask(system.device, 0, False)
         await expect_interrupts_still_flow(system)
