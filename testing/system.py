@@ -195,8 +195,3 @@ async def next_interrupt(vm: VmmClient, *, timeout: float = EVENT_TIMEOUT) -> In
     if not isinstance(event, Interrupt):
         raise AssertionError(f"expected an interrupt, got {event}")
     return event
-
-
-def queued_events(vm: VmmClient) -> int:
-    """Events the VMM client has received that nobody has taken yet."""
-    return len(vm.queue)
