@@ -116,14 +116,18 @@ class EventQueue:
 class AttachedDevice:
     """A device attached to this VMM, with the guest's view of its MSI-X capability."""
 
-    def __init__(self, vm: VmmClient, info: DeviceInfo, kicks: list[OwnedFd]) -> None:
+    def __init__(
+        self, vm: VmmClient, info: DeviceInfo, kicks: list[OwnedFd], state: Attached | None = None
+    ) -> None:
         self.vm = vm
         self.info = info
         self.id = info.device
         self.kicks = kicks
         n = info.num_vectors
         self._table = array.array("I", [0, 0, 0, 1] * n)  # guest view; reset: all masked
-        self.control = 0
+        if state is not None and len(state.table) == n * ENTRY_SIZE:
+            self._table = array.array("I", state.table)  # the state the hub kept
+        self.control = state.control & (MSIX_ENABLE | FUNCTION_MASK) if state else 0
         self.irq_fds: dict[int, OwnedFd] = {}
         self._readers: dict[int, trio.CancelScope] = {}
         self.interrupts = array.array("Q", bytes(8 * n))  # interrupts delivered per vector
@@ -321,7 +325,7 @@ class VmmClient:
         try:
             reply, kicks = await self.peer.request(Attach(device_id))
             assert isinstance(reply, Attached)
-            device = AttachedDevice(self, reply.info, kicks)
+            device = AttachedDevice(self, reply.info, kicks, reply)
             self.devices[device_id] = device
             for vector, fd in self._attaching.pop(device_id):
                 device._set_irq_fd(vector, fd)

@@ -14,13 +14,14 @@ the model must accept them from the start.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 import trio
 from msixhub.protocol.connection import Notice, Request
-from msixhub.protocol.errors import ErrorCode, MessageError, RemoteError
+from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError, RemoteError
 from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read, eventfd_write
 from msixhub.protocol.messages import (
     BarRead,
@@ -36,6 +37,7 @@ from msixhub.protocol.messages import (
     SetIntx,
     SetKickFd,
     SetMemTable,
+    SetMsixEnabled,
     Unuse,
     Use,
     Value,
@@ -77,11 +79,18 @@ class HubLink:
     def __init__(self, peer: Peer, nursery: trio.Nursery, model: DeviceModel) -> None:
         self.peer = peer
         self.model = model
-        self._nursery = nursery
+        self.nursery = nursery
         self.call_fds: dict[int, OwnedFd] = {}
         self.kick_fds: dict[int, OwnedFd] = {}
         self._kick_readers: dict[int, trio.CancelScope] = {}
         self.notifications = 0
+        self.msix_enabled = False
+        # A model that cares (virtio: ISR and INTx) sets this; the others ignore the message.
+        self.on_msix_enabled: Callable[[bool], None] | None = None
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[Message](math.inf)
+        nursery.start_soon(self._send_outbox)
+        self.on_notice: Callable[[Message], Awaitable[None]] | None = None
+        """Set by a model that takes notices from the hub (ivshmem: its peer id, peers, INTx)."""
 
     async def notify(self, vector: int) -> None:
         """Signal ``vector``: an eventfd write if routed, else a message through the hub."""
@@ -91,6 +100,26 @@ class HubLink:
             eventfd_write(fd.fileno())
         else:
             await self.peer.notify(Notify(vector))
+
+    def notify_soon(self, vector: int) -> None:
+        """``notify`` for synchronous callers: the eventfd write happens now; a message, if
+        one is needed, leaves in order from a task (never dropped)."""
+        self.notifications += 1
+        fd = self.call_fds.get(vector)
+        if fd is not None:
+            eventfd_write(fd.fileno())
+        else:
+            self._outbox_send.send_nowait(Notify(vector))
+
+    def set_intx_soon(self, level: bool) -> None:
+        self._outbox_send.send_nowait(SetIntx(level))
+
+    async def _send_outbox(self) -> None:
+        async for message in self._outbox_receive:
+            try:
+                await self.peer.notify(message)
+            except ConnectionClosed:
+                return
 
     async def use(self, vector: int) -> None:
         try:
@@ -127,6 +156,11 @@ class HubLink:
         if isinstance(body, SetKickFd):
             self._set_kick(body.queue, _take(request, 0, f"kick{body.queue}"))
             return Empty()
+        if isinstance(body, SetMsixEnabled):
+            self.msix_enabled = body.enabled
+            if self.on_msix_enabled is not None:
+                self.on_msix_enabled(body.enabled)
+            return Empty()
         if isinstance(body, SetMemTable):
             fds = [_take(request, i, "guest-memory") for i in range(len(request.fds))]
             self.model.set_memory(body.regions, fds)
@@ -151,7 +185,7 @@ class HubLink:
             old.close()
         self.kick_fds[queue] = fd
         scope = self._kick_readers[queue] = trio.CancelScope()
-        self._nursery.start_soon(self._read_kicks, queue, fd, scope)
+        self.nursery.start_soon(self._read_kicks, queue, fd, scope)
 
     async def _read_kicks(self, queue: int, fd: OwnedFd, scope: trio.CancelScope) -> None:
         with scope:
@@ -193,6 +227,9 @@ async def open_device(
 
         async def on_notice(peer: Peer, notice: Notice) -> None:
             close_all(notice.fds)
+            handler = holder[0].on_notice if holder else None
+            if handler is not None:
+                await handler(notice.body)
 
         async with open_peer(
             transport, "device", name=model.info.device, on_request=on_request, on_notice=on_notice

@@ -1,7 +1,9 @@
 """``msixhub spawn KIND --id ID [--socket HUB] [options]``: run one device daemon in the
 foreground. The hub's supervisor starts daemons this same way.
 
-Each kind is a module exposing ``configure(parser)`` and ``async serve(args)``.
+Each kind is a module exposing ``configure(parser)`` and ``async serve(args)``; a module that
+serves several kinds is named ``module:variant`` and exposes ``configure_variant`` and
+``serve_variant``.
 """
 
 from __future__ import annotations
@@ -10,26 +12,34 @@ import argparse
 import importlib
 import logging
 import signal
+from typing import Any
 
 from msixhub.server.status import DEFAULT_SOCKET
 
 KINDS: dict[str, str] = {
     "testdev": "msixhub.devices.testdev",
+    "virtio-blk": "msixhub.devices.virtio.daemon:blk",
+    "virtio-rng": "msixhub.devices.virtio.daemon:rng",
 }
+
+
+def _entry(kind: str, what: str) -> Any:
+    """The ``configure`` or ``serve`` function of ``kind``."""
+    module, _, variant = KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), f"{what}_{variant}" if variant else what)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind, module in KINDS.items():
-        sub = kinds.add_parser(
-            kind, help=(importlib.import_module(module).__doc__ or "").split("\n")[0]
-        )
+    for kind, entry in KINDS.items():
+        module = importlib.import_module(entry.partition(":")[0])
+        sub = kinds.add_parser(kind, help=(module.__doc__ or "").split("\n")[0])
         sub.add_argument(
             "--id", default=kind, help="device id, stable across restarts (default: KIND)"
         )
         sub.add_argument("--socket", default=DEFAULT_SOCKET, help="the hub's unix socket")
         sub.add_argument("-v", "--verbose", action="store_true")
-        importlib.import_module(module).configure(sub)
+        _entry(kind, "configure")(sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {args.id}[%(process)d] %(levelname)s %(message)s",
     )
-    module = importlib.import_module(KINDS[args.kind])
+    serve = _entry(args.kind, "serve")
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -50,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(stop_on_signal)
-                await module.serve(args)
+                await serve(args)
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -188,6 +188,15 @@ class ClearCallFd(Message):
     vector: Vector
 
 
+@request("set_msix_enabled")
+@message
+class SetMsixEnabled(Message):
+    """Hub -> device: the guest turned MSI-X on or off. A device whose interrupts fall back to
+    INTx with its own status register (virtio's ISR) must know which one the guest uses."""
+
+    enabled: bool
+
+
 @request("set_kick_fd", fds=1)
 @message
 class SetKickFd(Message):
@@ -220,7 +229,11 @@ class BarWrite(Message):
 
 @message
 class Attached(Message):
+    """The device, and the MSI-X state the hub kept for it (the guest view starts from it)."""
+
     info: DeviceInfo
+    table: Annotated[bytes, MaxLen(MAX_VECTORS * 16)] = b""
+    control: Annotated[int, Range(0, 0xFFFF)] = 0
 
 
 @request("attach", reply=Attached, reply_fds=lambda r: r.info.num_queues)

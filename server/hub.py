@@ -46,6 +46,7 @@ from msixhub.protocol.messages import (
     SetIrqFd,
     SetKickFd,
     SetMemTable,
+    SetMsixEnabled,
     StatusReport,
     Value,
 )
@@ -347,6 +348,8 @@ class Hub:
             await self._tell_device(device, SetCallFd(vector), [fd])
         for queue, fd in enumerate(device.kicks):
             await self._tell_device(device, SetKickFd(queue), [fd])
+        if device.msix.enabled:
+            await self._tell_device(device, SetMsixEnabled(True))
 
     async def _device_gone(self, peer: Peer) -> None:
         device = self._device_of.pop(peer, None)
@@ -438,7 +441,8 @@ class Hub:
             if vmm.regions:
                 await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
         # Reply fds are closed once sent: the VMM gets duplicates, the hub keeps the kicks.
-        return Attached(device.info), [fd.dup() for fd in device.kicks]
+        state = Attached(device.info, _table_image(device.msix), device.msix.control)
+        return state, [fd.dup() for fd in device.kicks]
 
     async def detach(self, peer: Peer, request: Request) -> Message:
         device = self._owned_device(peer, request.body.device)  # type: ignore[attr-defined]
@@ -531,10 +535,13 @@ class Hub:
         body: MsixControlWrite = request.body  # type: ignore[assignment]
         device = self._owned_device(peer, body.device)
         async with self.lock:
+            was_enabled = device.msix.enabled
             device.channels.drain_all()
             await self._apply_transition(device, device.msix.write_control(body.value))
             if device.msix.enabled:
                 self._set_intx(device, False)  # INTx is not used while MSI-X is enabled
+            if device.msix.enabled != was_enabled:
+                await self._tell_device(device, SetMsixEnabled(device.msix.enabled))
         return Empty()
 
     # --- status ----------------------------------------------------------------------------
@@ -570,6 +577,12 @@ async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> 
         await peer.aclose(f"did not answer {type(body).__name__} in time")
     except (RemoteError, ConnectionClosed) as exc:
         log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
+
+
+def _table_image(msix: MsixCapability) -> bytes:
+    """The MSI-X table as the guest reads it, 16 bytes per entry."""
+    size = msix.num_vectors * ENTRY_SIZE
+    return b"".join(msix.table_read(offset, 4).to_bytes(4, "little") for offset in range(0, size, 4))
 
 
 def _check_layout(info: DeviceInfo) -> None:

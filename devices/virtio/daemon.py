@@ -1,0 +1,264 @@
+"""The trio shell of a virtio-pci device daemon: the pure transport and device model
+(``pci.py``, ``blk.py``, ``rng.py``) wired to the hub connection.
+
+* Registers: BAR 4 holds the virtio-pci structures (answered by the transport); BAR 1 the
+  MSI-X table and PBA (answered by the hub, never seen here).
+* Vectors: ``queue_msix_vector`` / ``config_msix_vector`` writes become ``use``/``unuse``
+  in the hub; a refusal reads back ``0xffff``.
+* Queues: a kick wakes the queue's task, which pops requests and runs each one (file I/O in
+  worker threads, up to ``MAX_IN_FLIGHT`` per queue so a deep queue keeps the disk busy),
+  completing them in the used ring as they finish.
+* Crash recovery: the device-state region the hub keeps records each request taken and
+  not completed; a restarted daemon re-runs exactly those, then carries on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+import trio
+from msixhub.devices import guestmem
+from msixhub.devices.daemon import HubLink, NoVectorError, run_device
+from msixhub.devices.guestmem import GuestMemory
+from msixhub.devices.testdev import msix_bar_layout
+from msixhub.devices.virtio.blk import BlkDevice
+from msixhub.devices.virtio.device import VirtioDevice
+from msixhub.devices.virtio.inflight import DeviceStateRegion
+from msixhub.devices.virtio.pci import (
+    BarLayout,
+    PciIdentity,
+    Request,
+    VectorRefused,
+    VirtioPciTransport,
+)
+from msixhub.devices.virtio.rng import RngDevice
+from msixhub.protocol.fds import OwnedFd, close_all
+from msixhub.protocol.messages import Bar, DeviceInfo, Region
+
+log = logging.getLogger("msixhub.virtio")
+
+VIRTIO_BAR = 4
+MAX_IN_FLIGHT = 32
+
+
+class VirtioDaemon:
+    """A ``DeviceModel`` for the hub shell around one virtio device."""
+
+    def __init__(self, device_id: str, kind: str, device: VirtioDevice) -> None:
+        self.device = device
+        self.layout = BarLayout()
+        num_vectors = device.num_queues + 1  # one per queue and one for config changes
+        msix, msix_size = msix_bar_layout(num_vectors)
+        identity = PciIdentity.of(device)
+        self.info = DeviceInfo(
+            device=device_id,
+            kind=kind,
+            num_vectors=num_vectors,
+            num_queues=device.num_queues,
+            bars=[Bar(1, msix_size), Bar(VIRTIO_BAR, self.layout.size)],
+            msix=msix,
+            intx=True,
+            pci_id=identity.vendor_id << 16 | identity.device_id,
+            inflight_size=DeviceStateRegion.size_for(device.num_queues, device.max_queue_size),
+        )
+        self.hub: HubLink | None = None
+        self.memory = GuestMemory()
+        self.transport: VirtioPciTransport | None = None
+        self._state_fd: OwnedFd | None = None
+        self._register_lock = trio.Lock()
+        self._queues: list[_QueueWorker] = []
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # --- DeviceModel -----------------------------------------------------------------------
+
+    def attach_hub(self, hub: HubLink) -> None:
+        self.hub = hub
+        hub.on_msix_enabled = self._msix_enabled
+
+    def set_memory(self, regions: Sequence[Region], fds: list[OwnedFd]) -> None:
+        try:
+            memory = GuestMemory.map(
+                [guestmem.Region(r.gpa, r.size, r.offset) for r in regions], fds
+            )
+        finally:
+            close_all(fds)  # the mappings keep their own references
+        old, self.memory = self.memory, memory
+        if self.transport is not None:
+            self.transport.set_memory(memory)
+        old.close()
+
+    def set_inflight(self, fd: OwnedFd | None, restarted: bool) -> None:
+        """Registration finished: build the transport over the state region and resume."""
+        assert self.hub is not None and fd is not None
+        self._state_fd = fd
+        state = DeviceStateRegion.from_fd(fd, self.device.num_queues, self.device.max_queue_size)
+        self.transport = VirtioPciTransport(
+            self.device,
+            self.memory,
+            vectors=self,
+            interrupts=self,
+            runner=self,
+            state=state,
+            layout=self.layout,
+        )
+        self.transport.set_msix_enabled(self.hub.msix_enabled)
+        nursery = self.hub.nursery
+        self._queues = [_QueueWorker(self, index) for index in range(self.device.num_queues)]
+        for worker in self._queues:
+            nursery.start_soon(worker.run)
+        self.transport.resume()  # re-queues unfinished requests, kicks live queues
+        if restarted:
+            log.info("resumed: live queues %s", self.transport.live_queues())
+
+    async def bar_read(self, bar: int, offset: int, size: int) -> int:
+        if bar != VIRTIO_BAR or self.transport is None:
+            return 0
+        async with self._register_lock:
+            return self.transport.read(offset, size)
+
+    async def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        if bar != VIRTIO_BAR or self.transport is None:
+            return
+        async with self._register_lock:
+            await self.transport.write(offset, size, value)
+
+    async def kicked(self, queue: int) -> None:
+        self.kick(queue)
+
+    # --- VectorResources, InterruptSink, QueueRunner (for the transport) -------------------
+
+    async def use(self, vector: int) -> None:
+        assert self.hub is not None
+        try:
+            await self.hub.use(vector)
+        except NoVectorError as exc:
+            raise VectorRefused(str(exc)) from None
+
+    async def unuse(self, vector: int) -> None:
+        assert self.hub is not None
+        await self.hub.unuse(vector)
+
+    def notify(self, vector: int) -> None:
+        assert self.hub is not None
+        self.hub.notify_soon(vector)
+
+    def set_intx(self, asserted: bool) -> None:
+        assert self.hub is not None
+        self.hub.set_intx_soon(asserted)
+
+    def kick(self, queue: int) -> None:
+        if 0 <= queue < len(self._queues):
+            self._queues[queue].wake()
+
+    async def quiesce(self) -> None:
+        await self._idle.wait()
+
+    def _msix_enabled(self, enabled: bool) -> None:
+        if self.transport is not None:
+            self.transport.set_msix_enabled(enabled)
+
+    # --- request execution -----------------------------------------------------------------
+
+    def _started(self) -> None:
+        self._in_flight += 1
+        if self._in_flight == 1:
+            self._idle = trio.Event()
+
+    def _finished(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def close(self) -> None:
+        self.memory.close()
+        if self._state_fd is not None:
+            self._state_fd.close()
+
+
+class _QueueWorker:
+    """Pops one queue's requests and runs them, up to ``MAX_IN_FLIGHT`` at once."""
+
+    def __init__(self, daemon: VirtioDaemon, index: int) -> None:
+        self.daemon = daemon
+        self.index = index
+        self._wakeup = trio.Event()
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        transport = self.daemon.transport
+        assert transport is not None
+        async with trio.open_nursery() as requests:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                while True:
+                    await self._slots.acquire()
+                    request = transport.pop(self.index)
+                    if request is None:
+                        self._slots.release()
+                        break
+                    self.daemon._started()
+                    if request.blocking:
+                        requests.start_soon(self._execute_in_thread, request)
+                    else:
+                        self._complete(request, request.execute())
+
+    async def _execute_in_thread(self, request: Request) -> None:
+        written = await trio.to_thread.run_sync(request.execute)
+        self._complete(request, written)
+
+    def _complete(self, request: Request, written: int) -> None:
+        transport = self.daemon.transport
+        assert transport is not None
+        try:
+            transport.complete(request, written)
+        finally:
+            self._slots.release()
+            self.daemon._finished()
+
+
+# --- msixhub spawn virtio-blk / virtio-rng --------------------------------------------------
+
+
+def configure_blk(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, help="raw image file")
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--serial", default="msixhub")
+
+
+async def serve_blk(args: argparse.Namespace) -> None:
+    flags = os.O_RDONLY if args.read_only else os.O_RDWR
+    image = OwnedFd(os.open(args.image, flags | os.O_CLOEXEC), "image")
+    with image:
+        device = BlkDevice(
+            image,
+            read_only=args.read_only,
+            queue_size=args.queue_size,
+            serial=args.serial.encode()[:20],
+        )
+        await _serve(args, "virtio-blk", device)
+
+
+def configure_rng(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue-size", type=int, default=64)
+
+
+async def serve_rng(args: argparse.Namespace) -> None:
+    await _serve(args, "virtio-rng", RngDevice(queue_size=args.queue_size))
+
+
+async def _serve(args: argparse.Namespace, kind: str, device: VirtioDevice) -> None:
+    daemon = VirtioDaemon(args.id, kind, device)
+    try:
+        await run_device(args.socket, daemon)
+    finally:
+        daemon.close()
