@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 # (name, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("demo", "msixhub.client.demo", "run the whole system once, checking itself (start here)"),
     ("serve", "msixhub.server.serve", "run the hub in the foreground"),
     ("spawn", "msixhub.devices.spawn", "run one device daemon in the foreground"),
     ("status", "msixhub.server.status", "show a running hub's devices and vectors"),

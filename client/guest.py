@@ -16,9 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-
 from msixhub.client.virtio_driver import BlkDriver, RngDriver, VirtioPciDriver
-from msixhub.client.virtqueue import GuestAllocator
+from msixhub.client.virtqueue import DeviceMisbehaved, GuestAllocator
 from msixhub.client.vmm import MSIX_ENABLE, AttachedDevice, Interrupt, IntxEvent, VmmClient
 from msixhub.devices import guestmem
 from msixhub.devices.guestmem import GuestMemory
@@ -73,6 +72,9 @@ class Guest:
         self.allocator = allocator
         self.drivers: dict[str, VirtioPciDriver] = {}
         self._nursery: trio.Nursery | None = None
+        self.misbehaviour: list[
+            str
+        ] = []  # a device that broke the ring contract (duplicate used id...)
 
     @classmethod
     @asynccontextmanager
@@ -125,7 +127,10 @@ class Guest:
             driver = self.drivers.get(getattr(event, "device", ""))
             if driver is None:
                 continue
-            if isinstance(event, Interrupt):
-                driver.interrupt(event.vector)
-            elif isinstance(event, IntxEvent):
-                driver.set_intx(event.level)
+            try:
+                if isinstance(event, Interrupt):
+                    driver.interrupt(event.vector)
+                elif isinstance(event, IntxEvent):
+                    driver.set_intx(event.level)
+            except DeviceMisbehaved as exc:
+                self.misbehaviour.append(f"{event.device}: {exc}")
