@@ -19,6 +19,7 @@ coalesce in the eventfd instead of being lost.
 from __future__ import annotations
 
 import array
+import mmap
 import os
 from collections import deque
 from collections.abc import AsyncIterator
@@ -32,17 +33,21 @@ from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read, eventfd_write
 from msixhub.protocol.messages import (
     Attach,
     Attached,
+    ClearIoeventfd,
     ClearIrqFd,
     Detach,
     DeviceInfo,
     DeviceState,
     Intx,
     Irq,
+    IvshmemPeer,
     MmioRead,
     MmioWrite,
     MsixControlRead,
     MsixControlWrite,
     Region,
+    SetBarMemory,
+    SetIoeventfd,
     SetIrqFd,
     SetMemTable,
     Value,
@@ -80,7 +85,19 @@ class DeviceEvent:
     state: str  # "up" | "down"
 
 
-Event = Interrupt | IntxEvent | DeviceEvent
+@dataclass(frozen=True, slots=True)
+class PeerEvent:
+    """An ivshmem peer joined or left the shared-memory domain of ``device``; on a join the
+    doorbells that ring it are in place."""
+
+    device: str
+    peer_id: int
+    joined: bool
+
+
+Event = Interrupt | IntxEvent | DeviceEvent | PeerEvent
+IoeventfdKey = tuple[int, int, int, int | None]  # (bar, offset, size, datamatch or None: any)
+FdRequest = SetIrqFd | ClearIrqFd | SetIoeventfd | ClearIoeventfd | SetBarMemory
 
 
 class EventQueue:
@@ -132,6 +149,8 @@ class AttachedDevice:
         self._readers: dict[int, trio.CancelScope] = {}
         self.interrupts = array.array("Q", bytes(8 * n))  # interrupts delivered per vector
         self.notifications = array.array("Q", bytes(8 * n))  # notifications they carried
+        self.ioeventfds: dict[IoeventfdKey, OwnedFd] = {}
+        self.bar_memory: dict[int, mmap.mmap] = {}  # BARs that are memory (ivshmem's BAR2)
 
     # --- the guest's view --------------------------------------------------------------------
 
@@ -161,6 +180,12 @@ class AttachedDevice:
         return reply.value
 
     async def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        # An ioeventfd (an ivshmem doorbell): one eventfd write here, nobody asked.
+        ioeventfds = self.ioeventfds
+        fd = ioeventfds.get((bar, offset, size, value)) or ioeventfds.get((bar, offset, size, None))
+        if fd is not None:
+            eventfd_write(fd.fileno())
+            return
         rel = self._table_range(bar, offset)
         if rel is None or rel % size or size not in (4, 8):
             await self.vm.peer.call(MmioWrite(self.id, bar, offset, size, value))
@@ -216,6 +241,39 @@ class AttachedDevice:
     def kick(self, queue: int) -> None:
         """Notify ``queue`` (the ioeventfd write a VMM does on the guest's notify access)."""
         eventfd_write(self.kicks[queue].fileno())
+
+    # --- fds the hub hands over --------------------------------------------------------------
+
+    def apply(self, body: FdRequest, fd: OwnedFd | None) -> None:
+        """One of the hub's fd requests for this device (``fd`` becomes ours), in order."""
+        if isinstance(body, SetIrqFd):
+            assert fd is not None
+            self._set_irq_fd(body.vector, fd)
+        elif isinstance(body, ClearIrqFd):
+            self._clear_irq_fd(body.vector)
+        elif isinstance(body, SetIoeventfd):
+            assert fd is not None
+            old = self.ioeventfds.pop((body.bar, body.offset, body.size, body.datamatch), None)
+            self.ioeventfds[body.bar, body.offset, body.size, body.datamatch] = fd
+            if old is not None:
+                old.close()
+        elif isinstance(body, ClearIoeventfd):
+            old = self.ioeventfds.pop((body.bar, body.offset, body.size, body.datamatch), None)
+            if old is not None:
+                old.close()
+        else:
+            assert fd is not None
+            self._set_bar_memory(body.bar, body.size, fd)
+
+    def _set_bar_memory(self, bar: int, size: int, fd: OwnedFd) -> None:
+        with fd:  # the mapping keeps the memory; the fd is not needed after it
+            if os.fstat(fd.fileno()).st_size < size:
+                raise MessageError(ErrorCode.BAD_RANGE, f"BAR{bar} memory is smaller than {size}")
+            mapping = mmap.mmap(fd.fileno(), size)
+        old = self.bar_memory.pop(bar, None)
+        self.bar_memory[bar] = mapping
+        if old is not None:
+            old.close()
 
     # --- interrupt channels ------------------------------------------------------------------
 
@@ -273,6 +331,11 @@ class AttachedDevice:
             trio.lowlevel.notify_closing(fd.fileno())
             fd.close()
         close_all(self.kicks)
+        close_all(list(self.ioeventfds.values()))
+        self.ioeventfds.clear()
+        for mapping in self.bar_memory.values():
+            mapping.close()
+        self.bar_memory.clear()
 
 
 class VmmClient:
@@ -281,7 +344,7 @@ class VmmClient:
         self.nursery = nursery
         self.queue = EventQueue()
         self.devices: dict[str, AttachedDevice] = {}
-        self._attaching: dict[str, list[tuple[int, OwnedFd]]] = {}
+        self._attaching: dict[str, list[tuple[FdRequest, OwnedFd | None]]] = {}
         self.regions: list[Region] = []
         self.memory: list[OwnedFd] = []
 
@@ -327,11 +390,11 @@ class VmmClient:
             assert isinstance(reply, Attached)
             device = AttachedDevice(self, reply.info, kicks, reply)
             self.devices[device_id] = device
-            for vector, fd in self._attaching.pop(device_id):
-                device._set_irq_fd(vector, fd)
+            for body, fd in self._attaching.pop(device_id):
+                device.apply(body, fd)
             return device
         finally:
-            close_all([fd for _, fd in self._attaching.pop(device_id, [])])
+            close_all([fd for _, fd in self._attaching.pop(device_id, []) if fd is not None])
 
     async def detach(self, device_id: str) -> None:
         device = self.devices.pop(device_id)
@@ -352,18 +415,20 @@ class VmmClient:
 
     async def _on_request(self, peer: Peer, request: Request) -> Message:
         body = request.body
-        if isinstance(body, SetIrqFd | ClearIrqFd):
+        if isinstance(body, FdRequest):
+            # The hub may send these before the attach reply: they wait for the device.
+            fd = (
+                OwnedFd(request.fds[0].detach(), f"{request.op}-{body.device}")
+                if request.fds
+                else None
+            )
             device = self.devices.get(body.device)
-            if isinstance(body, SetIrqFd):
-                fd = OwnedFd(request.fds[0].detach(), f"irq-{body.device}-{body.vector}")
-                if device is not None:
-                    device._set_irq_fd(body.vector, fd)
-                elif body.device in self._attaching:
-                    self._attaching[body.device].append((body.vector, fd))
-                else:
-                    fd.close()
-            elif device is not None:
-                device._clear_irq_fd(body.vector)
+            if device is not None:
+                device.apply(body, fd)
+            elif body.device in self._attaching:
+                self._attaching[body.device].append((body, fd))
+            elif fd is not None:
+                fd.close()
             return Empty()
         raise MessageError(ErrorCode.UNKNOWN_OP, f"a VMM does not serve {request.op}")
 
@@ -379,6 +444,8 @@ class VmmClient:
             self.queue.put(IntxEvent(body.device, body.level))
         elif isinstance(body, DeviceState):
             self.queue.put(DeviceEvent(body.device, body.state))
+        elif isinstance(body, IvshmemPeer):
+            self.queue.put(PeerEvent(body.device, body.peer_id, body.joined))
 
     def close(self) -> None:
         for device in self.devices.values():

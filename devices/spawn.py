@@ -18,6 +18,7 @@ from msixhub.server.status import DEFAULT_SOCKET
 
 KINDS: dict[str, str] = {
     "testdev": "msixhub.devices.testdev",
+    "ivshmem": "msixhub.devices.ivshmem.daemon",
     "virtio-blk": "msixhub.devices.virtio.daemon:blk",
     "virtio-rng": "msixhub.devices.virtio.daemon:rng",
 }

@@ -54,6 +54,7 @@ from msixhub.protocol.ops import Empty
 from msixhub.protocol.peer import Peer
 from msixhub.protocol.schema import Message, Opaque
 from msixhub.server.channels import VectorChannels
+from msixhub.server.ivshmem import IvshmemHost
 from msixhub.server.msix import (
     ENTRY_SIZE,
     Delivery,
@@ -125,6 +126,7 @@ class Hub:
         self._route_work = trio.Event()
         self._route_changes: list[RouteChange] = []  # drained from the table, not yet applied
         self.started = trio.current_time()
+        self.ivshmem = IvshmemHost(self)
         nursery.start_soon(self._route_worker)
 
     # --- connections -----------------------------------------------------------------------
@@ -208,7 +210,10 @@ class Hub:
         if isinstance(outcome, Delivery):
             self._deliver(device, outcome)
         elif outcome is Outcome.INTX:
-            self._set_intx(device, True)
+            if device.info.shared_memory:
+                self.ivshmem.raise_intx(device, vector)  # ivshmem: IntrStatus is the daemon's
+            else:
+                self._set_intx(device, True)
 
     def _deliver(self, device: Device, delivery: Delivery) -> None:
         if delivery.route >= 0 and delivery.vector in device.channels.fds:
@@ -301,6 +306,7 @@ class Hub:
             device = self.devices.get(info.device)
             restarted = device is not None
             if device is None:
+                self.ivshmem.admit(info)
                 device = self._create_device(info)
             elif device.peer is not None:
                 raise MessageError(
@@ -315,6 +321,7 @@ class Hub:
             device.registrations += 1
             self._device_of[peer] = device
             await self._push_device_state(device)
+            await self.ivshmem.device_up(device)
             device.up.set()
             self._post(device.vmm, DeviceState(device.id, "up"))
         log.info(
@@ -362,6 +369,7 @@ class Hub:
             "device %s went away (%s); its MSI-X state is kept", device.id, peer.close_reason
         )
         self._post(device.vmm, DeviceState(device.id, "down"))
+        await self.ivshmem.device_down(device)
 
     def _device_for(self, peer: Peer) -> Device:
         device = self._device_of.get(peer)
@@ -434,6 +442,7 @@ class Hub:
                 raise MessageError(
                     ErrorCode.CONFLICT, f"device {device_id!r} is attached to {owner}"
                 )
+            await self.ivshmem.attach(device, vmm)  # ivshmem: join; BAR2 and doorbells to the VMM
             device.vmm = vmm
             vmm.devices[device_id] = device
             for vector, fd in sorted(device.channels.fds.items()):
@@ -460,6 +469,7 @@ class Hub:
         transition = device.msix.write_control(device.msix.control | FUNCTION_MASK)
         await self._apply_transition(device, transition)
         await self._tell_device(device, SetMemTable([]))
+        await self.ivshmem.detached(device)
 
     async def _vmm_gone(self, vmm: Vmm) -> None:
         self.vmms.pop(vmm.peer, None)
@@ -516,6 +526,8 @@ class Hub:
         if region == "pba":
             device.msix.pba_write(body.offset - layout.pba_offset, body.size, body.value)
             return Empty()
+        if self.ivshmem.doorbell(device, body):  # a live ivshmem peer the VMM cannot ring yet
+            return Empty()
         await self._forward(device, BarWrite(body.bar, body.offset, body.size, body.value))
         return Empty()
 
@@ -550,7 +562,7 @@ class Hub:
         return StatusReport(Opaque(self.report()))
 
     def report(self) -> dict[str, object]:
-        return build_report(self)
+        return build_report(self) | {"ivshmem": self.ivshmem.report()}
 
     async def aclose(self) -> None:
         """Close every fd the hub owns (each exactly once)."""
@@ -562,6 +574,13 @@ class Hub:
                 device.inflight.close()
         for vmm in self.vmms.values():
             close_all(vmm.memory)
+        self.ivshmem.close()
+
+
+def _table_image(msix: MsixCapability) -> bytes:
+    """The MSI-X table as the guest reads it, 16 bytes per entry."""
+    size = msix.num_vectors * ENTRY_SIZE
+    return b"".join(msix.table_read(offset, 4).to_bytes(4, "little") for offset in range(0, size, 4))
 
 
 async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> None:
@@ -622,7 +641,7 @@ def _same_device(old: DeviceInfo, new: DeviceInfo) -> bool:
         new.num_queues,
         new.msix,
         new.intx,
-    )
+    ) and (old.shared_memory, old.shared_size) == (new.shared_memory, new.shared_size)
 
 
 def _check_regions(regions: list[Region], fds: list[OwnedFd]) -> None:

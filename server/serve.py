@@ -23,6 +23,7 @@ from msixhub.protocol.errors import ConnectionClosed, ProtocolError
 from msixhub.protocol.peer import Peer, handshake
 from msixhub.protocol.transport import Transport
 from msixhub.server.hub import Hub
+from msixhub.server.ivshmem import QemuSocket, QemuSocketError, serve_qemu_socket
 from msixhub.server.routes import RoutePolicy, RouteTable
 from msixhub.server.status import DEFAULT_SOCKET
 from msixhub.server.supervisor import DeviceSpec, Supervisor
@@ -45,6 +46,7 @@ class HubConfig:
     route_budget: int = 4096
     allow_other_users: bool = False
     devices: list[DeviceSpec] = field(default_factory=list)
+    ivshmem: QemuSocket | None = None  # QEMU's ivshmem protocol on a socket of its own
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> HubConfig:
@@ -87,6 +89,13 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Hub
             config.route_policy = _policy(args.route_policy)
         if args.route_budget is not None:
             config.route_budget = _budget(args.route_budget)
+        if args.ivshmem_socket:
+            try:
+                config.ivshmem = QemuSocket.parse(
+                    args.ivshmem_socket, args.ivshmem_name, args.ivshmem_size, args.ivshmem_vectors
+                )
+            except QemuSocketError as exc:
+                raise ConfigError(f"--ivshmem-*: {exc}") from None
     return config
 
 
@@ -193,6 +202,8 @@ async def run_hub(
                 supervisor = Supervisor(config.socket)
                 for spec in config.devices:
                     nursery.start_soon(supervisor.supervise, spec)
+                if config.ivshmem:
+                    await nursery.start(serve_qemu_socket, hub, config.ivshmem)
                 log.info(
                     "hub listening on %s (policy %s, budget %d)",
                     config.socket,
@@ -237,6 +248,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="TOML file: [hub] settings and [[device]] daemons to spawn"
     )
+    ivshmem = parser.add_argument_group(
+        "QEMU's ivshmem protocol (an unmodified QEMU joins as a peer)"
+    )
+    ivshmem.add_argument("--ivshmem-socket", metavar="PATH", help="serve it on this unix socket")
+    ivshmem.add_argument("--ivshmem-name", default="ivshmem", help="its domain (default ivshmem)")
+    ivshmem.add_argument("--ivshmem-size", default="4M", help="region size (default 4M)")
+    ivshmem.add_argument("--ivshmem-vectors", type=int, default=1, help="vectors (default 1)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

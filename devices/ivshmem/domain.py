@@ -293,21 +293,40 @@ class IvshmemDomains:
         self._domains: dict[str, IvshmemDomain] = {}
 
     def open(
-        self, name: str, size: int, vectors: int, *, hooks: DomainHooks | None = None
+        self,
+        name: str,
+        size: int,
+        vectors: int,
+        *,
+        hooks: DomainHooks | None = None,
+        shm: OwnedFd | None = None,
     ) -> IvshmemDomain:
         """The domain called ``name``, created with a fresh memfd if new. ``size`` is the final
         region size (see ``sizes.shm_size``). Opening an existing name with another size or
-        vector count is a ``DomainConflict``."""
+        vector count is a ``DomainConflict``.
+
+        ``shm``: the region to use instead of a fresh memfd (a POSIX shm object or a file, as
+        ``msixhub ivshmem-server -M/-m`` makes), already ``size`` bytes. Its ownership passes
+        here, even when this raises (a name that exists already has a region: a conflict)."""
         existing = self._domains.get(name)
         if existing is not None:
+            if shm is not None:
+                shm.close()
+                raise DomainConflict(f"ivshmem name {name!r} exists with a region of its own")
             if (existing.size, existing.vectors) != (size, vectors):
                 raise DomainConflict(
                     f"ivshmem name {name!r} exists with size {existing.size} and "
                     f"{existing.vectors} vectors; asked for size {size} and {vectors} vectors"
                 )
             return existing
-        check_domain_params(name, size, vectors)
-        shm = memfd(size, f"ivshmem:{name}")
+        try:
+            check_domain_params(name, size, vectors)
+        except BaseException:
+            if shm is not None:
+                shm.close()
+            raise
+        if shm is None:
+            shm = memfd(size, f"ivshmem:{name}")
         try:
             domain = IvshmemDomain(name, shm, vectors, hooks=hooks)
         except BaseException:

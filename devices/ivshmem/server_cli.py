@@ -11,6 +11,13 @@ Same options, defaults and behaviour, so scripts written for it work unchanged::
     -m DIR           back the memory by an unlinked file created in DIR (e.g. a hugetlbfs)
     -l SIZE          size with K/M/G suffixes (default 4M), rounded up to a power of two
     -n VECTORS       vectors per peer (default 1, at most 64)
+    --hub-socket P   also serve msixhub's own protocol on P (mode 0600), as ``msixhub serve``
+                     does: ivshmem devices (``msixhub spawn ivshmem --name NAME``) join the
+                     same region, and ``msixhub status --socket P`` shows the domain
+
+It is backed by an msixhub hub running in-process: the region is that hub's ivshmem domain,
+so QEMU-protocol peers and msixhub peers share it and ring each other, the latter with
+MSI-X masking and pending bits kept by the hub (see ``msixhub.server.ivshmem``).
 
 The last of -m and -M wins. An existing /dev/shm object that already has the size is reused
 as it is (contents kept), otherwise it is resized. The memory and the socket are set up
@@ -38,7 +45,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 
-from msixhub.devices.ivshmem.domain import MAX_VECTORS, IvshmemDomain
+from msixhub.devices.ivshmem.domain import MAX_VECTORS, DomainConfigError, check_domain_params
 from msixhub.devices.ivshmem.sizes import MAX_SHM_SIZE, SizeError, parse_size, shm_size
 from msixhub.protocol.fds import OwnedFd
 
@@ -111,6 +118,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="VECTORS",
         help=f"number of vectors (default {DEFAULT_VECTORS})",
     )
+    parser.add_argument(
+        "--hub-socket",
+        metavar="PATH",
+        help="also serve msixhub's protocol here: ivshmem devices join, status works",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,24 +179,47 @@ def _start(args: argparse.Namespace, size: int, vectors: int, shm_name: str | No
             f"ivshmem-server: cannot open shm file {args.shm.path}: {exc.strerror}", file=sys.stderr
         )
         return 1
+    sockets: list[socket.socket] = []
     try:
-        listener = bind_unix_listener(args.socket_path)
-    except OSError as exc:
+        check_domain_params(name, os.fstat(shm.fileno()).st_size, vectors)
+        for path, bind in ((args.socket_path, bind_unix_listener), (args.hub_socket, _bind_hub)):
+            if path is None:
+                continue
+            try:
+                sockets.append(bind(path))
+            except OSError as exc:
+                raise UsageError(f"cannot bind {path}: {exc.strerror}") from None
+    except (UsageError, DomainConfigError) as exc:
         shm.close()
-        print(f"ivshmem-server: cannot bind {args.socket_path}: {exc.strerror}", file=sys.stderr)
+        for sock in sockets:  # bound before the one that failed: ours to remove
+            _unlink_socket(sock)
+        print(f"ivshmem-server: {exc}", file=sys.stderr)
         return 1
+    listener, hub_listener = sockets[0], sockets[1] if len(sockets) == 2 else None
     if not args.foreground:
         status = _daemonize(args.pid_file)
         if status is not None:  # the parent: the daemon has its own copies
-            listener.close()
+            for sock in sockets:
+                sock.close()
             shm.close()
             return status
-    domain = IvshmemDomain(name, shm, vectors)
-    try:
-        trio.run(_serve_until_signal, listener, domain)
-    finally:
-        domain.close()
+    trio.run(_serve_until_signal, listener, hub_listener, shm, name, vectors)
     return 0
+
+
+def _bind_hub(path: str) -> socket.socket:
+    """The msixhub socket, mode 0600 from the start (as ``msixhub serve`` makes its own)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
 
 
 def _open_shm(path: str, shm_name: str | None, size: int) -> tuple[OwnedFd, str]:
@@ -247,19 +282,51 @@ def _daemonize(pid_file: str) -> int | None:
     return None
 
 
-async def _serve_until_signal(listener: socket.socket, domain: IvshmemDomain) -> None:
+async def _serve_until_signal(
+    listener: socket.socket,
+    hub_listener: socket.socket | None,
+    shm: OwnedFd,
+    name: str,
+    vectors: int,
+) -> None:
+    """Run a hub whose domain ``name`` is served on ``listener`` (QEMU's protocol) and, if
+    given, ``hub_listener`` (msixhub's), until SIGTERM or SIGINT."""
     import trio
-    from msixhub.devices.ivshmem.qemu_server import serve_qemu_protocol
+    from msixhub.server.hub import Hub
+    from msixhub.server.routes import RouteTable
+    from msixhub.server.serve import HubServer
 
+    size = os.fstat(shm.fileno()).st_size
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_qemu_protocol, listener, domain)
-            async for signum in signals:
-                logging.getLogger("msixhub.ivshmem").info(
-                    "%s: shutting down", signal.Signals(signum).name
+            hub = Hub(RouteTable(), nursery)
+            try:
+                await nursery.start(
+                    partial(hub.ivshmem.serve_qemu, listener, name, size, vectors, shm=shm)
                 )
+                if hub_listener is not None:
+                    accept = HubServer(hub).accept_loop
+                    nursery.start_soon(
+                        accept, trio.socket.from_stdlib_socket(hub_listener), nursery
+                    )
+                async for signum in signals:
+                    logging.getLogger("msixhub.ivshmem").info(
+                        "%s: shutting down", signal.Signals(signum).name
+                    )
+                    break
+            finally:
                 nursery.cancel_scope.cancel()
-                break
+                with trio.CancelScope(shield=True):
+                    await hub.aclose()
+                if hub_listener is not None:
+                    _unlink_socket(hub_listener)
+
+
+def _unlink_socket(sock: socket.socket) -> None:
+    path = sock.getsockname()
+    sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _configure_logging(verbose: bool) -> None:
