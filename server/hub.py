@@ -598,12 +598,6 @@ async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> 
         log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
 
 
-def _table_image(msix: MsixCapability) -> bytes:
-    """The MSI-X table as the guest reads it, 16 bytes per entry."""
-    size = msix.num_vectors * ENTRY_SIZE
-    return b"".join(msix.table_read(offset, 4).to_bytes(4, "little") for offset in range(0, size, 4))
-
-
 def _check_layout(info: DeviceInfo) -> None:
     bars = {bar.index: bar.size for bar in info.bars}
     if len(bars) != len(info.bars):
