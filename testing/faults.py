@@ -23,6 +23,7 @@ Resource faults:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -111,6 +112,16 @@ async def restart(
     await process.wait_for_line(ready, after=mark, timeout=timeout)
 
 
+def fd_targets(pid: int | None = None) -> dict[int, str]:
+    """The open fds of ``pid`` (this process by default) and what each refers to."""
+    directory = f"/proc/{pid or 'self'}/fd"
+    targets = {}
+    for entry in os.listdir(directory):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own fd, say)
+            targets[int(entry)] = os.readlink(f"{directory}/{entry}")
+    return targets
+
+
 def fd_limit(pid: int) -> int:
     """The soft RLIMIT_NOFILE of ``pid``, from ``/proc/<pid>/limits``."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
@@ -132,7 +143,7 @@ async def exhaust_routes(
     use: Callable[[int], Awaitable[bool]], vectors: Iterable[int]
 ) -> RouteExhaustion:
     """Use ``vectors`` in order until the hub refuses one (``use`` returns False)."""
-    granted = []
+    granted: list[int] = []
     for vector in vectors:
         if not await use(vector):
             return RouteExhaustion(granted, vector)

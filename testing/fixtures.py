@@ -31,7 +31,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 from msixhub.client.vmm import VmmClient, connect
-from msixhub.testing.faults import RESTARTED, restart
+from msixhub.testing.faults import RESTARTED, fd_targets, restart
 from msixhub.testing.limited import limit_prefix
 from msixhub.testing.processes import (
     STARTUP_TIMEOUT,
@@ -85,7 +85,9 @@ def msixhub_seed(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and _TEST_SEED in item.stash:
         run_seed = session_seed(item.config)
@@ -118,15 +120,6 @@ def child_pids() -> set[int]:
     return children
 
 
-def open_fd_targets() -> dict[int, str]:
-    """This process's open fds and what each refers to."""
-    targets = {}
-    for entry in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the fd listdir itself used is gone by now
-            targets[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
-    return targets
-
-
 @pytest.fixture
 def msixhub_leak_guard() -> Iterator[None]:
     """Fails the test (at teardown) if it left a child process running or an fd open.
@@ -134,7 +127,7 @@ def msixhub_leak_guard() -> Iterator[None]:
     A sync fixture, so it wraps the test's whole trio run: what it sees at the end is what
     the test left behind, not the event loop's own fds."""
     children = child_pids()
-    fds = open_fd_targets()
+    fds = fd_targets()
     yield
     problems = []
     for pid in sorted(child_pids() - children):
@@ -143,7 +136,7 @@ def msixhub_leak_guard() -> Iterator[None]:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         problems.append(f"child process {pid} was still there (killed now)")
-    for fd, target in sorted(open_fd_targets().items()):
+    for fd, target in sorted(fd_targets().items()):
         if fds.get(fd) != target:
             problems.append(f"fd {fd} ({target}) was left open")
     if problems:

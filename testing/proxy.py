@@ -237,6 +237,15 @@ class _Stream:
 
 
 @dataclass(eq=False)
+class _Pending:
+    """A request seen passing: the operation its replies are named after, and how many
+    replies it still expects (two once it was duplicated)."""
+
+    op: str | None
+    replies: int = 1
+
+
+@dataclass(eq=False)
 class _RuleState:
     rule: FaultRule
     matched: int = 0
@@ -268,8 +277,8 @@ class FaultProxy:
         self.connections = 0
         self._rules: list[_RuleState] = []
         self._connection_ids = itertools.count()
-        # request id -> [op, replies still expected], per direction the request went
-        self._requests: dict[tuple[int, Direction], dict[int, list[object]]] = {}
+        # the requests awaiting replies, by id, per (connection, direction the request went)
+        self._requests: dict[tuple[int, Direction], dict[int, _Pending]] = {}
         self._new_event = trio.lowlevel.ParkingLot()
         self.set_rules(rules)
 
@@ -440,15 +449,15 @@ class FaultProxy:
                 close_all(frame.fds)
             raise _CloseLink
         elif isinstance(action, Corrupt):
-            data = bytearray(_encode(frame))
-            start = 0 if action.header or len(data) == HEADER.size else HEADER.size
+            damaged = bytearray(_encode(frame))
+            start = 0 if action.header or len(damaged) == HEADER.size else HEADER.size
             flipped = []
             for _ in range(action.bits):
-                bit = stream.rng.randrange(start * 8, len(data) * 8)
-                data[bit // 8] ^= 1 << (bit % 8)
+                bit = stream.rng.randrange(start * 8, len(damaged) * 8)
+                damaged[bit // 8] ^= 1 << (bit % 8)
                 flipped.append(bit)
             self._record(stream, index, info, nfds, name, f"flipped bits {flipped}")
-            await self._send_bytes(stream, bytes(data), frame.fds)
+            await self._send_bytes(stream, bytes(damaged), frame.fds)
             await self._release_held(stream, "")
         else:
             assert isinstance(action, CloseAfter)
@@ -462,16 +471,17 @@ class FaultProxy:
         """Classify the frame, naming a reply after the request it answers."""
         info = classify(frame.body)
         if info.kind == "request" and info.request_id is not None:
-            self._requests[(stream.connection, stream.direction)][info.request_id] = [info.op, 1]
+            pending = _Pending(info.op)
+            self._requests[(stream.connection, stream.direction)][info.request_id] = pending
         elif info.kind in ("reply", "error") and info.request_id is not None:
             other: Direction = "from_hub" if stream.direction == "to_hub" else "to_hub"
-            pending = self._requests.get((stream.connection, other), {})
-            entry = pending.get(info.request_id)
+            requests = self._requests.get((stream.connection, other), {})
+            entry = requests.get(info.request_id)
             if entry is not None:
-                entry[1] = int(entry[1]) - 1  # type: ignore[call-overload]
-                if entry[1] <= 0:
-                    del pending[info.request_id]
-                return FrameInfo(info.kind, str(entry[0]), info.request_id)
+                entry.replies -= 1
+                if entry.replies <= 0:
+                    del requests[info.request_id]
+                return FrameInfo(info.kind, entry.op, info.request_id)
         return info
 
     def _select(self, stream: _Stream, info: FrameInfo) -> _RuleState | None:
@@ -498,7 +508,7 @@ class FaultProxy:
         if info.kind == "request" and info.request_id is not None:
             entry = self._requests[(stream.connection, stream.direction)].get(info.request_id)
             if entry is not None:
-                entry[1] = int(entry[1]) + 1  # type: ignore[call-overload]
+                entry.replies += 1
 
     async def _release_held(self, stream: _Stream, why: str) -> None:
         """Send the frames a reorder held back (after the frame just sent, if any)."""

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 from msixhub.testing.faults import FaultError, process_state
-from msixhub.testing.seeds import derive_seed
+from msixhub.testing.seeds import SEED_ENV, derive_seed, run_seed
 
 INNER = """
 import os, subprocess
@@ -77,10 +78,14 @@ async def test_failing_test_reports_its_seed_and_leaves_nothing(tmp_path: Path) 
     assert "1 failed, 2 passed, 2 errors" in output
 
 
-async def test_seed_comes_from_the_environment(tmp_path: Path) -> None:
-    await run_inner(tmp_path, "-k", "processes_running", env={"MSIXHUB_SEED": "99"})
-    *_, seed = map(int, (tmp_path / "out.txt").read_text().split())
-    assert seed == derive_seed(99, "test_inner.py::test_fails_with_processes_running")
+def test_run_seed_comes_from_the_option_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(SEED_ENV, "99")
+    assert run_seed(7) == 7
+    assert run_seed(None) == 99
+    monkeypatch.delenv(SEED_ENV)
+    assert 0 <= run_seed(None) < 1 << 32
 
 
 def test_derived_seeds_are_stable_and_distinct() -> None:
