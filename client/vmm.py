@@ -447,6 +447,14 @@ class VmmClient:
         elif isinstance(body, IvshmemPeer):
             self.queue.put(PeerEvent(body.device, body.peer_id, body.joined))
 
+    async def _let_go_when_disconnected(self) -> None:
+        """Once the connection is gone, the hub has taken the devices back (function-masked,
+        their eventfds read by the hub, then by the next VMM): stop reading and kicking them
+        here, or this client would steal notifications that are no longer its own."""
+        await self.peer.closed.wait()
+        for device in self.devices.values():
+            device.close()
+
     def close(self) -> None:
         for device in self.devices.values():
             device.close()
@@ -479,6 +487,7 @@ async def connect(
         ) as peer:
             vm = VmmClient(peer, nursery)
             holder.append(vm)
+            nursery.start_soon(vm._let_go_when_disconnected)
             try:
                 yield vm
             finally:

@@ -7,6 +7,7 @@ the device, collects pending bits, and hands them to the next VMM once it unmask
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -267,3 +268,25 @@ async def test_a_vmm_that_never_answers_stalls_the_hub_once(tmp_path: Path) -> N
         await system.vm.attach("dev1")  # released, as any departed VMM's devices are
         await set_vector_mask(system.device, 0, False)
         await expect_interrupts_still_flow(system)
+
+
+async def test_a_vmm_cut_off_from_the_hub_lets_go_of_its_devices(tmp_path: Path) -> None:
+    """Its process lives on, with duplicates of the eventfds: it must stop reading them, or
+    it would steal the notifications of the hub (pending bits) and of the next VMM."""
+    async with running_system(tmp_path, vectors=2) as system:
+        await system.testdev.setup(range(2))
+        orphan = system.vm
+        orphan.peer.transport.socket.shutdown(socket.SHUT_RDWR)  # the hub sees it vanish
+        with trio.fail_after(STALL_LIMIT):
+            await orphan.peer.closed.wait()
+        await system.status.wait_for(lambda r: r["vmms"] == [] and r["devices"][0]["vmm"] is None)
+        assert system.device.irq_fds == {}
+
+        async with connect(system.hub.socket, name="vm1") as vm:
+            testdev = Testdev(await vm.attach("dev0"))
+            await testdev.setup(range(2))
+            for _ in range(3):
+                await testdev.notify(1)
+                interrupt = await next_interrupt(vm)
+                assert (interrupt.vector, interrupt.count) == (1, 1)
+        assert len(orphan.queue) == 0
