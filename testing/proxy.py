@@ -179,7 +179,8 @@ class FaultRule:
 
 @dataclass(frozen=True, slots=True)
 class FaultEvent:
-    """One fault the proxy applied. ``frame`` counts the frames of that stream (0: hello)."""
+    """One fault the proxy applied. ``frame`` counts the frames of that stream (0: hello);
+    -1 for a held frame sent early (no frame followed in time, or the stream ended)."""
 
     connection: int
     direction: Direction
@@ -411,7 +412,7 @@ class FaultProxy:
         state = self._select(stream, info)
         if state is None:
             await self._send(stream, frame)
-            await self._release_held(stream, "")
+            await self._release_held(stream)
             return
         action = state.rule.action
         name = action_name(action)
@@ -423,7 +424,7 @@ class FaultProxy:
             self._record(stream, index, info, nfds, name, f"{action.seconds}s")
             await trio.sleep(action.seconds)
             await self._send(stream, frame)
-            await self._release_held(stream, "")
+            await self._release_held(stream)
         elif isinstance(action, Duplicate):
             copy = Frame(frame.body, [fd.dup() for fd in frame.fds])
             self._record(stream, index, info, nfds, name)
@@ -433,7 +434,7 @@ class FaultProxy:
                 close_all(copy.fds)  # the original was not sent: neither will the copy be
                 raise
             await self._send(stream, copy)
-            await self._release_held(stream, "")
+            await self._release_held(stream)
         elif isinstance(action, Reorder):
             if not stream.held:
                 stream.hold_deadline = trio.current_time() + action.hold
@@ -458,14 +459,14 @@ class FaultProxy:
                 flipped.append(bit)
             self._record(stream, index, info, nfds, name, f"flipped bits {flipped}")
             await self._send_bytes(stream, bytes(damaged), frame.fds)
-            await self._release_held(stream, "")
+            await self._release_held(stream)
         else:
             assert isinstance(action, CloseAfter)
             await self._send(stream, frame)
             if state.fired >= action.n:
                 self._record(stream, index, info, nfds, name, f"after {state.fired} frames")
                 raise _CloseLink
-            await self._release_held(stream, "")
+            await self._release_held(stream)
 
     def _name(self, stream: _Stream, frame: Frame) -> FrameInfo:
         """Classify the frame, naming a reply after the request it answers."""
@@ -510,14 +511,15 @@ class FaultProxy:
             if entry is not None:
                 entry.replies += 1
 
-    async def _release_held(self, stream: _Stream, why: str) -> None:
-        """Send the frames a reorder held back (after the frame just sent, if any)."""
+    async def _release_held(self, stream: _Stream, early: str | None = None) -> None:
+        """Send the frames a reorder held back: after the frame just sent, or ``early`` (why,
+        recorded as an event) when no frame followed in time or the stream ended."""
         held, stream.held = stream.held, []
         stream.hold_deadline = float("inf")
         for index, frame in enumerate(held):
-            if why:
+            if early is not None:
                 info = classify(frame.body)
-                self._record(stream, -1, info, len(frame.fds), "reorder", why)
+                self._record(stream, -1, info, len(frame.fds), "reorder", early)
             try:
                 await self._send(stream, frame)
             except BaseException:
