@@ -1,12 +1,13 @@
-"""A pretend guest: RAM in a memfd, guest drivers for attached devices, and an interrupt
-dispatcher, so the whole system can be driven without a real guest (demo, tests, benches).
+"""A pretend guest: RAM in a memfd and guest drivers for attached devices, their interrupts
+handled where the VMM reads them, so the whole system can be driven without a real guest
+(demo, tests, benches).
 
     async with connect(hub) as vm, Guest.open(vm, ram=64 << 20) as guest:
         blk = await guest.blk("blk0")
         await blk.write(0, b"x" * 512)
 
 MSI-X is programmed the way an OS does it: each entry gets an x86 message (address
-0xFEE00000, data = vector), is unmasked, then MSI-X is enabled with the function unmasked.
+0xFEE00000, data = 0x30 + vector), is unmasked, then MSI-X is enabled with the function unmasked.
 A write to the virtio notify area is a kick (the VMM's ioeventfd), never a hub round trip.
 """
 
@@ -18,7 +19,7 @@ from contextlib import asynccontextmanager
 import trio
 from msixhub.client.virtio_driver import BlkDriver, RngDriver, VirtioPciDriver
 from msixhub.client.virtqueue import DeviceMisbehaved, GuestAllocator
-from msixhub.client.vmm import MSIX_ENABLE, AttachedDevice, Interrupt, IntxEvent, VmmClient
+from msixhub.client.vmm import MSIX_ENABLE, AttachedDevice, Event, Interrupt, IntxEvent, VmmClient
 from msixhub.devices import guestmem
 from msixhub.devices.guestmem import GuestMemory
 from msixhub.devices.virtio.pci import BarLayout
@@ -85,10 +86,11 @@ class Guest:
         try:
             async with trio.open_nursery() as nursery:
                 guest._nursery = nursery
-                nursery.start_soon(guest._dispatch)
+                vm.handler = guest._handle
                 try:
                     yield guest
                 finally:
+                    vm.handler = None
                     nursery.cancel_scope.cancel()
         finally:
             memory.close()
@@ -122,15 +124,18 @@ class Guest:
         await rng.start()
         return rng
 
-    async def _dispatch(self) -> None:
-        async for event in self.vm.events():
-            driver = self.drivers.get(getattr(event, "device", ""))
-            if driver is None:
-                continue
-            try:
-                if isinstance(event, Interrupt):
-                    driver.interrupt(event.vector)
-                elif isinstance(event, IntxEvent):
-                    driver.set_intx(event.level)
-            except DeviceMisbehaved as exc:
-                self.misbehaviour.append(f"{event.device}: {exc}")
+    def _handle(self, event: Event) -> bool:
+        """Interrupts for our drivers are handled at once, in the reader that took them."""
+        driver = self.drivers.get(getattr(event, "device", ""))
+        if driver is None:
+            return False
+        try:
+            if isinstance(event, Interrupt):
+                driver.interrupt(event.vector)
+            elif isinstance(event, IntxEvent):
+                driver.set_intx(event.level)
+            else:
+                return False
+        except DeviceMisbehaved as exc:
+            self.misbehaviour.append(f"{event.device}: {exc}")  # type: ignore[union-attr]
+        return True

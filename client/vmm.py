@@ -22,7 +22,7 @@ import array
 import mmap
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -322,7 +322,7 @@ class AttachedDevice:
             self.interrupts[vector] += 1
             self.notifications[vector] += count
             address, data = self.message(vector)
-            self.vm.queue.put(Interrupt(self.id, vector, address, data, count))
+            self.vm.emit(Interrupt(self.id, vector, address, data, count))
 
     def close(self) -> None:
         for vector in list(self.irq_fds):
@@ -343,10 +343,18 @@ class VmmClient:
         self.peer = peer
         self.nursery = nursery
         self.queue = EventQueue()
+        # Called in the reader that took the event, before it is queued: True consumes it.
+        # A VMM injects an interrupt into its vCPU right there; waking another task first
+        # would cost a task switch per interrupt.
+        self.handler: Callable[[Event], bool] | None = None
         self.devices: dict[str, AttachedDevice] = {}
         self._attaching: dict[str, list[tuple[FdRequest, OwnedFd | None]]] = {}
         self.regions: list[Region] = []
         self.memory: list[OwnedFd] = []
+
+    def emit(self, event: Event) -> None:
+        if self.handler is None or not self.handler(event):
+            self.queue.put(event)
 
     # --- memory ------------------------------------------------------------------------------
 
@@ -439,13 +447,13 @@ class VmmClient:
             if device is not None:
                 device.interrupts[body.vector] += 1
                 device.notifications[body.vector] += 1
-            self.queue.put(Interrupt(body.device, body.vector, body.address, body.data))
+            self.emit(Interrupt(body.device, body.vector, body.address, body.data))
         elif isinstance(body, Intx):
-            self.queue.put(IntxEvent(body.device, body.level))
+            self.emit(IntxEvent(body.device, body.level))
         elif isinstance(body, DeviceState):
-            self.queue.put(DeviceEvent(body.device, body.state))
+            self.emit(DeviceEvent(body.device, body.state))
         elif isinstance(body, IvshmemPeer):
-            self.queue.put(PeerEvent(body.device, body.peer_id, body.joined))
+            self.emit(PeerEvent(body.device, body.peer_id, body.joined))
 
     async def _let_go_when_disconnected(self) -> None:
         """Once the connection is gone, the hub has taken the devices back (function-masked,
