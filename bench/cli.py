@@ -12,6 +12,7 @@ from msixhub.bench.report import Report
 # name -> module exposing ``measure(seconds: float) -> Report``
 BENCHMARKS: dict[str, str] = {
     "irq": "msixhub.bench.irq",
+    "ivshmem": "msixhub.bench.ivshmem",
     "msix": "msixhub.bench.msix",
     "protocol": "msixhub.bench.protocol",
 }

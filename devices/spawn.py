@@ -64,5 +64,17 @@ def run(args: argparse.Namespace) -> int:
                 await serve(args)
                 nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # A daemon that gives up (say, its registration was refused) raises SystemExit with
+        # its status after logging why: exit with that status, not with a traceback.
+        exits, others = group.split(SystemExit)
+        if exits is None or others is not None:
+            raise
+        leaf: BaseException = exits
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, SystemExit)
+        return leaf.code if isinstance(leaf.code, int) else 1
     return 0

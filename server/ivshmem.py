@@ -47,8 +47,8 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -292,7 +292,7 @@ class Member:
     vmm_generation: int = 0  # bumped at attach and detach: older VMM jobs are void
     missed_intx: int | None = None  # a vector rung in INTx mode while the daemon was away
     intx_queued: bool = False
-    relayed: int = field(default=0)  # doorbells the hub rang for this device's VMM
+    relayed: int = 0  # doorbells the hub rang for this device's VMM
 
     def announce(self, event: Announcement) -> None:
         """``PeerSink``: the domain tells this member of another peer's join or departure."""
@@ -377,7 +377,8 @@ class IvshmemHost:
         if member is None or self._closed:
             return
         async with self._hub.lock:
-            if member.vmm is None and member.peer_id is not None:
+            # Unless it came back meanwhile (its re-registration may win the lock).
+            if device.peer is None and member.vmm is None and member.peer_id is not None:
                 await self._leave(member)
 
     async def attach(self, device: Device, vmm: Vmm) -> None:
@@ -528,8 +529,6 @@ class IvshmemHost:
     def _new_member(self, device: Device) -> Member:
         info = device.info
         hub = self._hub
-        if device.channels.fds:
-            raise MessageError(ErrorCode.BAD_STATE, f"device {device.id!r} has routes already")
         domain = self.domains.open(
             info.shared_memory, info.shared_size, info.num_vectors, hooks=self
         )
@@ -602,7 +601,7 @@ class IvshmemHost:
                 await self._set_doorbells(vmm, device, event.peer_id, event.vectors)
             else:
                 for vector in range(member.domain.vectors):
-                    await self._hub._tell_vmm(
+                    await self._request_vmm(
                         vmm, _doorbell_ioeventfd(ClearIoeventfd, device, event.peer_id, vector)
                     )
             self._hub._post(vmm, notice)
@@ -649,7 +648,7 @@ class IvshmemHost:
             if member.vmm_generation != generation:
                 return
             with domain.shm.dup() as shm:
-                await self._hub._tell_vmm(
+                await self._request_vmm(
                     vmm, SetBarMemory(device.id, SHARED_MEMORY_BAR, domain.size), [shm]
                 )
             for peer_id, fds in peers:
@@ -666,9 +665,19 @@ class IvshmemHost:
             if fd is None or fd.closed:
                 continue  # the peer left since; its departure is queued behind this
             with fd.dup() as copy:  # the domain may close its fd while we send
-                await self._hub._tell_vmm(
+                await self._request_vmm(
                     vmm, _doorbell_ioeventfd(SetIoeventfd, device, peer_id, vector), [copy]
                 )
+
+    async def _request_vmm(self, vmm: Vmm, body: Message, fds: Sequence[OwnedFd] = ()) -> None:
+        """A request to a member's VMM. A failure ends the job (the courier logs it); a VMM
+        that does not answer in time is disconnected, so that what is queued behind fails at
+        once instead of each waiting out its own timeout."""
+        try:
+            await vmm.peer.call(body, [fd.fileno() for fd in fds])
+        except trio.TooSlowError:
+            await vmm.peer.aclose(f"did not answer {type(body).__name__} in time")
+            raise
 
     async def _notify_daemon(self, member: Member, body: Message) -> bool:
         peer = member.device.peer

@@ -154,7 +154,8 @@ class IvshmemDevice:
                 self.peers.discard(body.peer_id)
         elif isinstance(body, IvshmemIntx):
             self.registers.raise_intx()
-            await self._registers_changed()
+            # Said even if unchanged here: enabling MSI-X lowers the hub's view of the line.
+            await self._registers_changed(force=True)
 
     async def resume(self) -> None:
         """After (re)registration: the INTx line as the restored registers say."""
@@ -248,12 +249,17 @@ async def serve(args: argparse.Namespace) -> None:
     """Register and serve until the hub goes away. A refused registration (a name taken with
     another size, a route budget too small...) is an error exit with the hub's reason."""
     model = IvshmemDevice(args.id, args.name, args.size, args.vectors)
+    refused: BaseException | None = None
     try:
         async with open_device(args.socket, model) as (link, reply):
             log.info("%s registered%s", args.id, " (restarted)" if reply.restarted else "")
             await model.resume()
             await link.peer.closed.wait()
             log.warning("hub connection closed: %s", link.peer.close_reason)
-    except RemoteError as exc:
-        log.error("%s: the hub refused the device: %s", args.id, exc)
-        raise SystemExit(1) from None
+    except* RemoteError as group:
+        refused = group
+        while isinstance(refused, BaseExceptionGroup):  # the hub's answer, out of the nurseries
+            refused = refused.exceptions[0]
+    if refused is not None:
+        log.error("%s: the hub refused the device: %s", args.id, refused)
+        raise SystemExit(1)
