@@ -44,17 +44,16 @@ from msixhub.bench.baseline import eventfd_pingpong
 from msixhub.bench.report import Report
 from msixhub.client.vmm import AttachedDevice, Interrupt, PeerEvent, VmmClient, connect
 from msixhub.devices.ivshmem.regs import Doorbell, Register
+from msixhub.protocol.fds import OwnedFd
 from msixhub.testing.ivshmem import IvshmemGuest
 from msixhub.testing.processes import device_process, hub_process
 from msixhub.testing.system import hub_status
 
 TARGET_RATIO = 1.1
-ROUNDS = 10
+ROUNDS = 20
 PING, STOP = 0, 1  # vectors: a round trip, and "this phase is over"
 _WARMUP = 1000
 _BATCH = 200
-_WAIT_MS = 10_000
-_PONG_WAIT_MS = 120_000  # the ping side runs baseline rounds in between
 _DAEMON_ARGS = ("--name", "bench", "--size", "64K", "--vectors", "2")
 
 
@@ -126,6 +125,7 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                 [sys.executable, "-m", "msixhub.bench.ivshmem", hub.socket, str(pong_cpu)],
                 stdout=subprocess.PIPE,
             )
+            pong_exit = OwnedFd(os.pidfd_open(pong.pid), "pong-pidfd")
             try:
                 assert pong.stdout is not None
                 with trio.fail_after(30):
@@ -137,7 +137,9 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                     baseline.append(eventfd_pingpong(per_round, same_cpu=False))
                     try:
                         os.sched_setaffinity(0, {ping_cpu})
-                        ours.append(await _ping_irqfd(guest.device, other, per_round))
+                        ours.append(
+                            await _ping_irqfd(guest.device, other, pong_exit.fileno(), per_round)
+                        )
                     finally:
                         os.sched_setaffinity(0, original)
                 await guest.ring(other, STOP)
@@ -149,6 +151,7 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                 with trio.fail_after(30):
                     assert await pong.wait() == 0
             finally:
+                pong_exit.close()
                 if pong.returncode is None:
                     pong.kill()
                     await pong.wait()
@@ -190,18 +193,31 @@ async def _other_peer(vm: VmmClient, own: int) -> int:
             return event.peer_id
 
 
-def _wait(poller: select.poll, fd: int) -> None:
-    if not poller.poll(_WAIT_MS):
-        raise RuntimeError("no interrupt within 10 s")
-    os.read(fd, 8)
+def _waiter(irqfd: int, other_side: int) -> select.poll:
+    """A ``poll`` on ``irqfd`` that also wakes if the other side's process exits (a pidfd).
+    No timeout: arming one costs a timer per wait (a VM exit, in a guest)."""
+    poller = select.poll()
+    poller.register(irqfd, select.POLLIN)
+    poller.register(other_side, select.POLLIN)
+    return poller
 
 
-async def _ping_irqfd(device: AttachedDevice, other: int, seconds: float) -> tuple[float, int]:
+def _wait(poller: select.poll, irqfd: int) -> None:
+    """Block until ``irqfd`` is rung; consume the count (the interrupt is taken)."""
+    for fd, _ in poller.poll():
+        if fd == irqfd:
+            os.read(irqfd, 8)
+            return
+    raise RuntimeError("the other side exited")
+
+
+async def _ping_irqfd(
+    device: AttachedDevice, other: int, pong: int, seconds: float
+) -> tuple[float, int]:
     """The timed loop. It blocks in ``poll``, so trio does not run meanwhile (nothing else
     reads our irqfd); a Doorbell write that an ioeventfd takes never yields either."""
     fd = device.irq_fds[PING].fileno()
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller = _waiter(fd, pong)
     ring = Doorbell(other, PING).encode()
     write = device.mmio_write
     for _ in range(_WARMUP):
@@ -260,18 +276,18 @@ async def _pong(socket_path: str) -> None:
         ring = Doorbell(other, PING).encode()
         # Phase 1: block on the irqfds, ring back by ioeventfd, until STOP.
         ping_fd, stop_fd = device.irq_fds[PING].fileno(), device.irq_fds[STOP].fileno()
-        poller = select.poll()
-        poller.register(ping_fd, select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poller.poll(_PONG_WAIT_MS)}
-            if not ready:
-                raise RuntimeError("pong: no interrupt within 120 s")
-            if stop_fd in ready:
-                os.read(stop_fd, 8)
-                break
-            os.read(ping_fd, 8)
-            await device.mmio_write(0, Register.DOORBELL, 4, ring)
+        with OwnedFd(os.pidfd_open(os.getppid())) as ping_exit:
+            poller = _waiter(ping_fd, ping_exit.fileno())
+            poller.register(stop_fd, select.POLLIN)
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if stop_fd in ready:
+                    os.read(stop_fd, 8)
+                    break
+                if ping_fd not in ready:
+                    raise RuntimeError("pong: the ping side exited")
+                os.read(ping_fd, 8)
+                await device.mmio_write(0, Register.DOORBELL, 4, ring)
         # Phase 2: the same through the client's event queue.
         with trio.fail_after(3600):
             while True:

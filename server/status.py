@@ -82,6 +82,14 @@ def render(report: dict[str, Any]) -> str:
         lines.extend(
             "  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows
         )
+    for domain in report.get("ivshmem", []):
+        peers = ", ".join(
+            f"{p['peer_id']} ({p['device'] or 'QEMU protocol'})" for p in domain["peers"]
+        )
+        lines.append(
+            f"\nivshmem {domain['name']}: {domain['size']} bytes, {domain['vectors']} vectors, "
+            f"{domain['joins']} joins, {domain['leaves']} leaves; peers: {peers or '-'}"
+        )
     return "\n".join(lines)
 
 

@@ -247,6 +247,15 @@ async def test_ivshmem_server_is_backed_by_a_hub(tmp_path: Path) -> None:
                         assert Path("/dev/shm", shm_name).read_bytes()[:4] == b"posx"
                         (domain,) = (await status.report())["ivshmem"]
                         assert domain["name"] == shm_name
+                        with trio.fail_after(EVENT_TIMEOUT * 2):
+                            shown = await trio.run_process(
+                                msixhub_command("status", "--socket", server.socket),
+                                capture_stdout=True,
+                            )
+                        assert (
+                            f"ivshmem {shm_name}: {SIZE} bytes, {VECTORS} vectors, 2 joins, "
+                            f"0 leaves; peers: {local.peer_id} (a), {spec.id} (QEMU protocol)"
+                        ) in shown.stdout.decode()
                     finally:
                         spec.close()
             finally:
