@@ -1,5 +1,7 @@
-"""``msixhub spawn ivshmem --name NAME --size 4M --vectors 2``: one peer's ivshmem-doorbell
-device (PCI 1af4:1110), as a hub device.
+"""One peer's ivshmem-doorbell device (PCI 1af4:1110), sharing the region NAME.
+
+``msixhub spawn ivshmem --name NAME --size 4M --vectors 2`` (or a ``[[device]]`` entry of the
+hub's config with those args) serves it as a hub device.
 
 The device is the peer's BAR0 registers and nothing else. The hub does the rest: it joins the
 device to the domain NAME (one shared region per name) when it registers, hands the VMM
