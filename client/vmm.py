@@ -179,12 +179,19 @@ class AttachedDevice:
         assert isinstance(reply, Value)
         return reply.value
 
-    async def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
-        # An ioeventfd (an ivshmem doorbell): one eventfd write here, nobody asked.
+    def ioeventfd_write(self, bar: int, offset: int, size: int, value: int) -> bool:
+        """A guest write that an ioeventfd takes (an ivshmem doorbell) is one eventfd write
+        here, nobody asked: True if one did. ``mmio_write`` tries this first; a VMM's vCPU
+        loop may call it directly, as KVM matches ioeventfds in the kernel."""
         ioeventfds = self.ioeventfds
         fd = ioeventfds.get((bar, offset, size, value)) or ioeventfds.get((bar, offset, size, None))
-        if fd is not None:
-            eventfd_write(fd.fileno())
+        if fd is None:
+            return False
+        eventfd_write(fd.fileno())
+        return True
+
+    async def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        if self.ioeventfd_write(bar, offset, size, value):
             return
         rel = self._table_range(bar, offset)
         if rel is None or rel % size or size not in (4, 8):
