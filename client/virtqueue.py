@@ -208,6 +208,7 @@ class DriverVirtqueue:
         self._last_used = (self._last_used + 1) & 0xFFFF
         if self.event_idx and not self._interrupts_off:
             self.memory.write_u16(self.layout.avail + 4 + 2 * self.size, self._last_used)
+            full_barrier()  # the next used idx load must not pass that store (Linux: store_mb)
         return Used(token, length)
 
     def disable_interrupts(self) -> None:

@@ -73,17 +73,24 @@ class Region:
 
 
 class _Mapping:
-    """One region's mmap and the long-lived view that translations slice from."""
+    """One region's mmap, the long-lived view that translations slice from, and views of it
+    as 2-, 4- and 8-byte words for the integer stores (see :meth:`GuestMemory.write_u16`)."""
 
-    __slots__ = ("mm", "region", "view")
+    __slots__ = ("mm", "region", "view", "words")
 
     def __init__(self, region: Region, mm: mmap.mmap) -> None:
         self.region = region
         self.mm = mm
         self.view = memoryview(mm)
+        self.words = {
+            size: self.view[: len(self.view) - len(self.view) % size].cast(code)
+            for size, code in ((2, "H"), (4, "I"), (8, "Q"))
+        }
 
     def unmap(self) -> bool:
         """Unmap now if no translated view is alive; else leave it to CPython (see module doc)."""
+        for words in self.words.values():
+            words.release()
         self.view.release()
         try:
             self.mm.close()
@@ -248,11 +255,23 @@ class GuestMemory:
         value: int = fmt.unpack_from(mapping.view, gpa - mapping.region.gpa)[0]
         return value
 
-    def _pack(self, fmt: struct.Struct, gpa: int, value: int) -> None:
-        mapping = self._lookup(gpa, fmt.size)
-        if gpa + fmt.size > mapping.region.end:
-            raise GuestMemoryError(f"[{gpa:#x}, +{fmt.size}) runs past region {mapping.region}")
-        fmt.pack_into(mapping.view, gpa - mapping.region.gpa, value)
+    def _store(self, size: int, gpa: int, value: int) -> None:
+        """One store of a ``size``-byte word when ``gpa`` is aligned to it, so a peer that
+        reads the word concurrently sees the old value or the new one. (``struct.pack_into``
+        would not do: it zeroes its destination before writing, a transient 0 the peer can
+        read.) An unaligned word is copied bytewise, as hardware would not make it atomic
+        either."""
+        mapping = self._lookup(gpa, size)
+        if gpa + size > mapping.region.end:
+            raise GuestMemoryError(f"[{gpa:#x}, +{size}) runs past region {mapping.region}")
+        if not 0 <= value < 1 << (8 * size):
+            raise GuestMemoryError(f"{value} does not fit {size} bytes")
+        offset = gpa - mapping.region.gpa
+        words = mapping.words[size]
+        if offset % size == 0 and offset // size < len(words):
+            words[offset // size] = value
+        else:
+            mapping.view[offset : offset + size] = value.to_bytes(size, "little")
 
     def read_u16(self, gpa: int) -> int:
         return self._unpack(_U16, gpa)
@@ -264,13 +283,13 @@ class GuestMemory:
         return self._unpack(_U64, gpa)
 
     def write_u16(self, gpa: int, value: int) -> None:
-        self._pack(_U16, gpa, value)
+        self._store(2, gpa, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        self._pack(_U32, gpa, value)
+        self._store(4, gpa, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self._pack(_U64, gpa, value)
+        self._store(8, gpa, value)
 
     def read(self, gpa: int, length: int) -> bytes:
         """A copy of ``[gpa, gpa + length)`` (may cross adjacent regions)."""

@@ -41,8 +41,11 @@ Then ``last_avail_idx = used_idx + count(flags)``, and the flagged heads, in cou
 (the order they were taken), are executed again. Every request is thus completed exactly
 once. Recovery only redoes idempotent stores, so a kill during recovery is recovered too.
 
-A 2- or 8-byte field is written with one store (see :mod:`msixhub.devices.virtio.ring`), and
-the flags are single bytes, so no field is ever seen half-written.
+A 2- or 8-byte field on the paths above is written with one store, as an item of a
+``memoryview.cast`` view (never ``struct.pack_into``, which zeroes its destination first: a
+kill between the two would leave a 0), and the flags are single bytes, so no field is ever
+seen half-written. Multi-field records (the registers) are packed apart and copied in, so
+their unchanged fields are never seen zeroed either.
 """
 
 from __future__ import annotations
@@ -62,8 +65,6 @@ _TRANSPORT = struct.Struct("<QHBBIIH")
 _QUEUE_REGS = struct.Struct("<QQQHHBB")  # stops before inflight_valid
 _INFLIGHT_HEAD = struct.Struct("<HHH10x")
 _ENTRY = struct.Struct("<QB7x")
-_U16 = struct.Struct("<H")
-_U64 = struct.Struct("<Q")
 
 _TRANSPORT_AT = 16
 _QUEUES_AT = 48
@@ -116,8 +117,12 @@ class RecoveredQueue:
 class QueueInflight:
     """The in-flight log of one queue: a view on its block of the region."""
 
-    def __init__(self, buffer: memoryview, offset: int, max_size: int) -> None:
+    def __init__(
+        self, buffer: memoryview, u16: memoryview, u64: memoryview, offset: int, max_size: int
+    ) -> None:
         self._buf = buffer
+        self._u16 = u16  # the same bytes as 2- and 8-byte words, for single stores
+        self._u64 = u64
         self._at = offset
         self._max = max_size
         self._next_counter = 1
@@ -150,16 +155,16 @@ class QueueInflight:
 
     def take(self, head: int) -> None:
         at = self._entry(head)
-        _U64.pack_into(self._buf, at, self._next_counter)
+        self._u64[at // 8] = self._next_counter
         self._buf[at + 8] = 1
         self._next_counter += 1
 
     def begin_put(self, head: int) -> None:
-        _U16.pack_into(self._buf, self._at + _LAST_BATCH_AT, head)
+        self._u16[(self._at + _LAST_BATCH_AT) // 2] = head
 
     def end_put(self, head: int, new_used_idx: int) -> None:
         self._buf[self._entry(head) + 8] = 0
-        _U16.pack_into(self._buf, self._at + _USED_AT, new_used_idx)
+        self._u16[(self._at + _USED_AT) // 2] = new_used_idx
 
     def in_flight(self) -> list[int]:
         """Flagged heads in the order they were taken."""
@@ -182,7 +187,7 @@ class QueueInflight:
         if guest_used_idx == (used + 1) & 0xFFFF:
             if last_batch < size:
                 self._buf[self._entry(last_batch) + 8] = 0
-            _U16.pack_into(self._buf, self._at + _USED_AT, guest_used_idx)
+            self._u16[(self._at + _USED_AT) // 2] = guest_used_idx
             used = guest_used_idx
         heads = self.in_flight()
         counters = [_ENTRY.unpack_from(self._buf, self._entry(h))[0] for h in heads]
@@ -199,6 +204,9 @@ class DeviceStateRegion:
         if not 0 < num_queues <= 0xFFFF or not 0 < max_queue_size <= MAX_QUEUE_SIZE:
             raise DeviceStateError(f"bad shape: {num_queues} queues of {max_queue_size}")
         self._buf = memoryview(buffer).cast("B")
+        length = len(self._buf)
+        self._u16 = self._buf[: length - length % 2].cast("H")
+        self._u64 = self._buf[: length - length % 8].cast("Q")
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self._block = _QUEUE_HEADER + _ENTRY.size * max_queue_size
@@ -214,7 +222,8 @@ class DeviceStateRegion:
                 f"expected {MAGIC!r} v{VERSION} for {num_queues}x{max_queue_size}"
             )
         self._queues = [
-            QueueInflight(self._buf, self._queue_at(q), max_queue_size) for q in range(num_queues)
+            QueueInflight(self._buf, self._u16, self._u64, self._queue_at(q), max_queue_size)
+            for q in range(num_queues)
         ]
 
     @staticmethod
@@ -233,7 +242,8 @@ class DeviceStateRegion:
         return cls(mm, num_queues, max_queue_size)
 
     def close(self) -> None:
-        self._buf.release()
+        for view in (self._u16, self._u64, self._buf):
+            view.release()
 
     def _format(self) -> None:
         _HEADER.pack_into(self._buf, 0, bytes(4), VERSION, self.num_queues, self.max_queue_size)
@@ -266,9 +276,7 @@ class DeviceStateRegion:
         """Rewrite the registers; the status byte first, so a kill inside a reset's save
         leaves status 0, which restores as a reset device whatever else was written."""
         self._buf[_TRANSPORT_AT + 10] = state.status
-        _TRANSPORT.pack_into(
-            self._buf,
-            _TRANSPORT_AT,
+        self._buf[_TRANSPORT_AT : _TRANSPORT_AT + _TRANSPORT.size] = _TRANSPORT.pack(
             state.driver_features,
             state.config_msix_vector,
             state.status,
@@ -278,9 +286,8 @@ class DeviceStateRegion:
             state.queue_select,
         )
         for q, regs in enumerate(state.queues):
-            _QUEUE_REGS.pack_into(
-                self._buf,
-                self._queue_at(q),
+            at = self._queue_at(q)
+            self._buf[at : at + _QUEUE_REGS.size] = _QUEUE_REGS.pack(
                 regs.desc,
                 regs.driver,
                 regs.device,

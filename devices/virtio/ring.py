@@ -20,10 +20,12 @@ setting DEVICE_NEEDS_RESET. The rules enforced on each chain:
 * every buffer lies in guest memory and is non-empty;
 * device-readable buffers come before device-writable ones (2.7.4.2, a driver MUST).
 
-Memory ordering. The guest side runs concurrently in another process. CPython's
-``struct`` packs a 2, 4 or 8-byte little-endian field with one store on a little-endian
-host, and x86-64 keeps stores ordered with stores and loads with loads, which the
-write-barrier and read-barrier points of the algorithm need. The one reordering x86-64
+Memory ordering. The guest side runs concurrently in another process. The ring indices
+and event fields are read and written as items of ``memoryview.cast("H")`` views: one
+2-byte load or store each (never ``struct.pack_into``, which zeroes its destination before
+it writes the value, so the other side can read a transient 0). x86-64 keeps stores
+ordered with stores and loads with loads, which the write-barrier and read-barrier points
+of the algorithm need. The one reordering x86-64
 allows (a load passing an earlier store) matters at the two "store then check" points:
 arming avail_event then re-reading avail idx, and publishing used idx then reading
 used_event. There :func:`full_barrier` is used. x86-64 is the supported host.
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
 
 DESC = struct.Struct("<QIHH")
 USED_ELEM = struct.Struct("<II")
-_U16 = struct.Struct("<H")
 
 
 class VirtqueueError(ValueError):
@@ -206,6 +207,7 @@ class SplitVirtqueue:
         for head in in_flight_heads:
             self._in_use[head] = 1
         self._desc, self._avail, self._used_ring = self._map_areas(memory)
+        self._avail16, self._used16 = self._avail.cast("H"), self._used_ring.cast("H")
 
     @classmethod
     def recover(
@@ -269,11 +271,12 @@ class SplitVirtqueue:
         areas = self._map_areas(memory)
         self.close()
         self._desc, self._avail, self._used_ring = areas
+        self._avail16, self._used16 = self._avail.cast("H"), self._used_ring.cast("H")
         self.memory = memory
 
     def close(self) -> None:
         """Release the ring views (chains already popped keep their own)."""
-        for view in (self._desc, self._avail, self._used_ring):
+        for view in (self._avail16, self._used16, self._desc, self._avail, self._used_ring):
             view.release()
 
     @property
@@ -293,7 +296,7 @@ class SplitVirtqueue:
 
     def _refresh_avail(self) -> bool:
         """Read the driver's avail idx; whether entries are waiting."""
-        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        idx: int = self._avail16[1]
         pending = (idx - self._last_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(
@@ -307,11 +310,11 @@ class SplitVirtqueue:
         # The avail idx is read again only once the entries seen last time are taken.
         if self._shadow_avail == self._last_avail and not self._refresh_avail():
             if self.event_idx:
-                _U16.pack_into(self._used_ring, 4 + 8 * self.size, self._last_avail)
+                self._used16[2 + 4 * self.size] = self._last_avail  # avail_event
             full_barrier()
             if not self._refresh_avail():
                 return None
-        head: int = _U16.unpack_from(self._avail, 4 + 2 * (self._last_avail % self.size))[0]
+        head: int = self._avail16[2 + self._last_avail % self.size]
         if head >= self.size:
             raise VirtqueueError(f"avail ring names head {head} >= queue size {self.size}")
         if self._in_use[head]:
@@ -394,7 +397,7 @@ class SplitVirtqueue:
             self._inflight.begin_put(head)
         USED_ELEM.pack_into(self._used_ring, 4 + 8 * (self._used % self.size), head, written)
         new_used = (self._used + 1) & 0xFFFF
-        _U16.pack_into(self._used_ring, 2, new_used)  # the commit point the guest sees
+        self._used16[1] = new_used  # the commit point the guest sees
         self._used = new_used
         self._in_use[head] = 0
         if self._inflight is not None:
@@ -410,7 +413,7 @@ class SplitVirtqueue:
         if self.event_idx:
             if old is None:
                 return True
-            used_event: int = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            used_event: int = self._avail16[2 + self.size]
             return vring_need_event(used_event, new, old)
-        flags: int = _U16.unpack_from(self._avail, 0)[0]
+        flags: int = self._avail16[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
