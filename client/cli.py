@@ -21,6 +21,7 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("status", "msixhub.server.status", "show a running hub's devices and vectors"),
     ("client", "msixhub.client.poke", "attach a device and poke it by hand (registers, MSI-X)"),
     ("bench", "msixhub.bench.cli", "run a benchmark (ours against a bare baseline)"),
+    ("chaos", "msixhub.testing.chaos", "run the workloads under random faults, check invariants"),
     (
         "ivshmem-server",
         "msixhub.devices.ivshmem.server_cli",
