@@ -5,9 +5,10 @@
   MSI-X table and PBA (answered by the hub, never seen here).
 * Vectors: ``queue_msix_vector`` / ``config_msix_vector`` writes become ``use``/``unuse``
   in the hub; a refusal reads back ``0xffff``.
-* Queues: a kick wakes the queue's task, which pops requests and runs each one (file I/O in
-  worker threads, up to ``MAX_IN_FLIGHT`` per queue so a deep queue keeps the disk busy),
-  completing them in the used ring as they finish.
+* Queues: a kick wakes the queue's task, which pops requests and runs each one, completing
+  them in the used ring as they finish: at once if that cannot block (a read the page cache
+  holds, see ``BlkRequest.execute_nowait``), else in a worker thread, up to ``MAX_IN_FLIGHT``
+  per queue so a deep queue keeps the disk busy.
 * Crash recovery: the device-state region the hub keeps records each request taken and
   not completed; a restarted daemon re-runs exactly those, then carries on.
 """
@@ -188,6 +189,7 @@ class _QueueWorker:
         self.index = index
         self._wakeup = trio.Event()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._logged_error: str | None = None
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -200,16 +202,26 @@ class _QueueWorker:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 while True:
-                    await self._slots.acquire()
+                    await self._slots.acquire()  # also the checkpoint of a long stream
                     request = transport.pop(self.index)
                     if request is None:
                         self._slots.release()
+                        self._log_stop(transport)
                         break
                     self.daemon._started()
-                    if request.blocking:
-                        requests.start_soon(self._execute_in_thread, request)
-                    else:
+                    if not request.blocking:
                         self._complete(request, request.execute())
+                    elif (written := request.work.execute_nowait()) is not None:
+                        self._complete(request, written)
+                    else:
+                        requests.start_soon(self._execute_in_thread, request)
+
+    def _log_stop(self, transport: VirtioPciTransport) -> None:
+        """Say once why the guest made this queue stop (it waits for a reset)."""
+        error = transport.queue_error(self.index)
+        if error is not None and error != self._logged_error:
+            log.warning("queue %d stopped: %s (device needs reset)", self.index, error)
+        self._logged_error = error
 
     async def _execute_in_thread(self, request: Request) -> None:
         written = await trio.to_thread.run_sync(request.execute)

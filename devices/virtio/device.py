@@ -28,6 +28,11 @@ class DeviceRequest(Protocol):
         """Carry the request out; returns the bytes written into the writable buffers."""
         ...
 
+    def execute_nowait(self) -> int | None:
+        """For a blocking request: carry it out now if that cannot block (a read the page
+        cache holds), as :meth:`execute` would; else None, leaving it for :meth:`execute`."""
+        ...
+
 
 class VirtioDevice(Protocol):
     device_id: int

@@ -55,3 +55,6 @@ class RngRequest:
 
     def execute(self) -> int:
         return write_views(self.chain.writable, os.urandom(self.length))
+
+    def execute_nowait(self) -> int:
+        return self.execute()
