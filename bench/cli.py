@@ -11,6 +11,7 @@ from msixhub.bench.report import Report
 
 # name -> module exposing ``measure(seconds: float) -> Report``
 BENCHMARKS: dict[str, str] = {
+    "blk": "msixhub.bench.blk",
     "irq": "msixhub.bench.irq",
     "ivshmem": "msixhub.bench.ivshmem",
     "msix": "msixhub.bench.msix",

@@ -167,12 +167,20 @@ class DriverVirtqueue:
     def _write_chain(
         self, table: int, positions: list[int], buffers: list[tuple[int, int, int]]
     ) -> None:
-        """Write ``buffers`` as one chain into table entries ``positions``, in order."""
+        """Write ``buffers`` as one chain into table entries ``positions``, in order (with one
+        copy when the entries are consecutive, as in an indirect table)."""
+        descs = []
         for number, (addr, length, flags) in enumerate(buffers):
             last = number == len(buffers) - 1
             next_index = 0 if last else positions[number + 1]
-            desc = DESC.pack(addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT), next_index)
-            self.memory.write(table + DESC.size * positions[number], desc)
+            descs.append(
+                DESC.pack(addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT), next_index)
+            )
+        if positions == list(range(positions[0], positions[0] + len(positions))):
+            self.memory.write(table + DESC.size * positions[0], b"".join(descs))
+            return
+        for position, desc in zip(positions, descs, strict=True):
+            self.memory.write(table + DESC.size * position, desc)
 
     def kick_prepare(self) -> bool:
         """Whether the device wants a notification for what was added since the last call."""

@@ -76,10 +76,12 @@ class _Mapping:
     """One region's mmap, the long-lived view that translations slice from, and views of it
     as 2-, 4- and 8-byte words for the integer stores (see :meth:`GuestMemory.write_u16`)."""
 
-    __slots__ = ("mm", "region", "view", "words")
+    __slots__ = ("end", "gpa", "mm", "region", "view", "words")
 
     def __init__(self, region: Region, mm: mmap.mmap) -> None:
         self.region = region
+        self.gpa = region.gpa  # plain attributes: the hot paths read them per access
+        self.end = region.end
         self.mm = mm
         self.view = memoryview(mm)
         self.words = {
@@ -121,6 +123,7 @@ class GuestMemory:
         self._maps: list[_Mapping] = []
         self._starts: list[int] = []
         self._closed = False
+        self._last: _Mapping | None = None  # the region the last access fell in, tried first
 
     # -- construction -------------------------------------------------------------------
 
@@ -173,11 +176,13 @@ class GuestMemory:
         if index == len(self._starts) or self._starts[index] != gpa:
             raise GuestMemoryError(f"no region starts at {gpa:#x}")
         del self._starts[index]
+        self._last = None
         return self._maps.pop(index).unmap()
 
     def close(self) -> bool:
         """Release every mapping; True if all were unmapped at once. Idempotent."""
         self._closed = True
+        self._last = None
         maps, self._maps, self._starts = self._maps, [], []
         return all([mapping.unmap() for mapping in maps])
 
@@ -199,16 +204,30 @@ class GuestMemory:
 
     def translate(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``[gpa, gpa + length)``, which must lie inside one region."""
-        mapping = self._lookup(gpa, length)
-        start = gpa - mapping.region.gpa
-        if start + length > mapping.region.size:
-            raise GuestMemoryError(
-                f"[{gpa:#x}, +{length:#x}) runs past the end of region {mapping.region}"
-            )
+        mapping = self._within(gpa, length)
+        start = gpa - mapping.gpa
         return mapping.view[start : start + length]
+
+    def _within(self, gpa: int, length: int) -> _Mapping:
+        """The region that holds all of ``[gpa, gpa + length)``, or GuestMemoryError. The
+        region of the last access is tried first (guests keep their rings and buffers in
+        one region); the full checks run when it does not hold the range."""
+        mapping = self._last
+        if mapping is None or not (mapping.gpa <= gpa and 0 < length <= mapping.end - gpa):
+            mapping = self._lookup(gpa, length)
+            if gpa + length > mapping.end:
+                raise GuestMemoryError(
+                    f"[{gpa:#x}, +{length:#x}) runs past the end of region {mapping.region}"
+                )
+            self._last = mapping
+        return mapping
 
     def gather(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering ``[gpa, gpa + length)``, split where it crosses adjacent regions."""
+        mapping = self._last
+        if mapping is not None and mapping.gpa <= gpa and 0 < length <= mapping.end - gpa:
+            start = gpa - mapping.gpa
+            return [mapping.view[start : start + length]]
         index = self._locate(gpa, length)
         mapping = self._maps[index]
         views: list[memoryview] = []
@@ -249,10 +268,8 @@ class GuestMemory:
     # -- integer and byte helpers (no view escapes) -------------------------------------
 
     def _unpack(self, fmt: struct.Struct, gpa: int) -> int:
-        mapping = self._lookup(gpa, fmt.size)
-        if gpa + fmt.size > mapping.region.end:
-            raise GuestMemoryError(f"[{gpa:#x}, +{fmt.size}) runs past region {mapping.region}")
-        value: int = fmt.unpack_from(mapping.view, gpa - mapping.region.gpa)[0]
+        mapping = self._within(gpa, fmt.size)
+        value: int = fmt.unpack_from(mapping.view, gpa - mapping.gpa)[0]
         return value
 
     def _store(self, size: int, gpa: int, value: int) -> None:
@@ -261,12 +278,10 @@ class GuestMemory:
         would not do: it zeroes its destination before writing, a transient 0 the peer can
         read.) An unaligned word is copied bytewise, as hardware would not make it atomic
         either."""
-        mapping = self._lookup(gpa, size)
-        if gpa + size > mapping.region.end:
-            raise GuestMemoryError(f"[{gpa:#x}, +{size}) runs past region {mapping.region}")
+        mapping = self._within(gpa, size)
         if not 0 <= value < 1 << (8 * size):
             raise GuestMemoryError(f"{value} does not fit {size} bytes")
-        offset = gpa - mapping.region.gpa
+        offset = gpa - mapping.gpa
         words = mapping.words[size]
         if offset % size == 0 and offset // size < len(words):
             words[offset // size] = value
@@ -293,11 +308,21 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         """A copy of ``[gpa, gpa + length)`` (may cross adjacent regions)."""
+        mapping = self._last
+        if mapping is not None and mapping.gpa <= gpa and 0 < length <= mapping.end - gpa:
+            start = gpa - mapping.gpa
+            return mapping.mm[start : start + length]
         return b"".join(_consume(self.gather(gpa, length)))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` to ``gpa`` (may cross adjacent regions)."""
         source = memoryview(data).cast("B")
+        length = len(source)
+        mapping = self._last
+        if mapping is not None and mapping.gpa <= gpa and 0 < length <= mapping.end - gpa:
+            start = gpa - mapping.gpa
+            mapping.view[start : start + length] = source
+            return
         done = 0
         for view in self.gather(gpa, len(source)):
             with view:

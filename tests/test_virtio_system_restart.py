@@ -1,6 +1,6 @@
-"""The virtio-blk daemon SIGKILLed in the middle of I/O, with many requests in flight, and
-brought back: by this process (``testing.processes.restart``) or by the hub's supervisor (a
-``[[device]]`` entry of its config).
+"""The virtio-blk daemon SIGKILLed (twice, at random points) in the middle of I/O, with many
+requests in flight, and brought back: by this process (``testing.processes.restart``) or by the
+hub's supervisor (a ``[[device]]`` entry of its config).
 
 "Exactly once" is checked where the guest can see it:
 * every chain the driver added comes back on the used ring once and only once (a second
@@ -10,12 +10,16 @@ brought back: by this process (``testing.processes.restart``) or by the hub's su
 * writes that were in flight at the kill are executed again by the new daemon, which is
   harmless because each task has one request in flight on its own stripe: after every write
   completed, the image (read through the device, and the file itself) equals the reference.
+
+And the kills must have caught requests in flight: each new daemon logs how many requests it
+took over from the one killed, and at least one of the two kills must have left some.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -41,8 +45,10 @@ async def io_across_a_crash(
     system: VirtioSystem,
     rng: random.Random,
     kill: Callable[[], Awaitable[None]],
-    recover: Callable[[], Awaitable[None]],
-) -> None:
+    recover: Callable[[], Awaitable[str]],
+) -> list[int]:
+    """Kill the daemon ``CRASHES`` times at random points of the I/O; returns how many
+    requests each new daemon ran again (taken, not completed, at the kill)."""
     reference = bytearray(system.image.read_bytes())
     driver = await system.guest.virtio(BLK)
     blk = BlkDriver(driver, slots=TASKS, max_transfer=MAX_SECTORS * SECTOR)
@@ -69,8 +75,8 @@ async def io_across_a_crash(
     ring.add = counting_add  # type: ignore[method-assign]
 
     completed = 0
-    kill_after = rng.randrange(TASKS, TASKS * OPS // 2)  # while the queue is full
-    kill_now = trio.Event()
+    # Kill points, counted in completed requests, while the queue is full.
+    kill_at = {point: trio.Event() for point in rng.sample(range(TASKS, TASKS * (OPS - 2)), 2)}
     stripe = SECTORS // TASKS
 
     async def worker(seed: int, first: int) -> None:
@@ -87,13 +93,19 @@ async def io_across_a_crash(
             else:
                 assert await blk.read(sector, end - start) == reference[start:end]
             completed += 1
-            if completed == kill_after:
-                kill_now.set()
+            if completed in kill_at:
+                kill_at[completed].set()
+
+    requeued: list[int] = []
 
     async def crash() -> None:
-        await kill_now.wait()
-        await kill()
-        await recover()
+        for point in sorted(kill_at):
+            await kill_at[point].wait()
+            await kill()
+            line = await recover()
+            match = re.search(r"(\d+) requests taken before run again", line)
+            assert match, line
+            requeued.append(int(match.group(1)))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(crash)
@@ -115,6 +127,7 @@ async def io_across_a_crash(
         assert await blk.read(offset // SECTOR, step) == reference[offset : offset + step]
     assert system.image.read_bytes() == reference
     assert system.guest.misbehaviour == []  # no used entry the driver had not handed out
+    return requeued
 
 
 def random_image(path: Path, seed: int) -> Path:
@@ -132,12 +145,15 @@ async def test_killed_blk_daemon_restarted_by_hand(tmp_path: Path, msixhub_seed:
             daemon.kill()
             assert await daemon.wait() == -signal.SIGKILL
 
-        async def recover() -> None:
+        async def recover() -> str:
+            mark = daemon.line_count
             await restart(daemon, nursery)
+            return await daemon.wait_for_line("resumed: ", after=mark)
 
         with trio.fail_after(TIMEOUT):
-            await io_across_a_crash(system, random.Random(msixhub_seed), kill, recover)
-            assert (await system.status.device(BLK))["registrations"] == 2
+            requeued = await io_across_a_crash(system, random.Random(msixhub_seed), kill, recover)
+            assert max(requeued) > 0, f"no kill caught a request in flight: {requeued}"
+            assert (await system.status.device(BLK))["registrations"] == 3
         await daemon.stop()
 
 
@@ -155,9 +171,11 @@ async def test_killed_blk_daemon_respawned_by_the_hub(
             mark = hub.line_count
             os.kill(await system.blk_pid(), signal.SIGKILL)
 
-        async def recover() -> None:
+        async def recover() -> str:
             await hub.wait_for_line(rf"device {BLK} \(virtio-blk\) re-registered", after=mark)
+            return await hub.wait_for_line(rf"{BLK}\[\d+\] INFO resumed: ", after=mark)
 
         with trio.fail_after(TIMEOUT):
-            await io_across_a_crash(system, random.Random(msixhub_seed), kill, recover)
-            assert (await system.status.device(BLK))["registrations"] == 2
+            requeued = await io_across_a_crash(system, random.Random(msixhub_seed), kill, recover)
+            assert max(requeued) > 0, f"no kill caught a request in flight: {requeued}"
+            assert (await system.status.device(BLK))["registrations"] == 3

@@ -182,9 +182,13 @@ class BlkDevice:
             raise VirtqueueError(f"blk request at head {chain.head} has no 16-byte header")
         if chain.write_len < 1:
             raise VirtqueueError(f"blk request at head {chain.head} has no status byte")
-        kind, _reserved, sector = REQUEST_HEADER.unpack(
-            read_views(chain.readable, REQUEST_HEADER.size)
-        )
+        first = chain.readable[0]
+        if len(first) >= REQUEST_HEADER.size:  # the header in one buffer, as drivers put it
+            kind, _reserved, sector = REQUEST_HEADER.unpack_from(first)
+        else:
+            kind, _reserved, sector = REQUEST_HEADER.unpack(
+                read_views(chain.readable, REQUEST_HEADER.size)
+            )
         return BlkRequest(self, chain, kind, sector)
 
     # -- what requests check --------------------------------------------------------------
@@ -215,9 +219,19 @@ class BlkRequest:
         self.chain = chain
         self.kind = kind
         self.sector = sector
-        self.out_data = slice_views(chain.readable, REQUEST_HEADER.size, chain.read_len)
-        self.in_data = slice_views(chain.writable, 0, chain.write_len - 1)
-        self.status_view = slice_views(chain.writable, chain.write_len - 1, chain.write_len)[0]
+        self.in_len = chain.write_len - 1
+        readable, writable = chain.readable, chain.writable
+        # Drivers give the header and the status byte buffers of their own: take the chain's
+        # views as they are then, else cut them at the right bytes.
+        if len(readable[0]) == REQUEST_HEADER.size:
+            self.out_data = readable[1:]
+        else:
+            self.out_data = slice_views(readable, REQUEST_HEADER.size, chain.read_len)
+        if len(writable[-1]) == 1:
+            self.in_data, self.status_view = writable[:-1], writable[-1]
+        else:
+            self.in_data = slice_views(writable, 0, self.in_len)
+            self.status_view = slice_views(writable, self.in_len, chain.write_len)[0]
 
     def execute(self) -> int:
         """Do the request, write the status byte; returns bytes written (data + status)."""
@@ -231,13 +245,16 @@ class BlkRequest:
         """A read whose data is all in the page cache, done now (see the module doc); None,
         with nothing done that :meth:`execute` would not redo, for anything else."""
         device = self.device
-        if self.kind != BlkType.IN or not device.nowait_reads:
-            return None
-        length = sum(len(view) for view in self.in_data)
-        if not device.range_ok(self.sector, length):
+        length = self.in_len
+        if (
+            self.kind != BlkType.IN
+            or not device.nowait_reads
+            or len(self.in_data) > IOV_MAX
+            or not device.range_ok(self.sector, length)
+        ):
             return None
         try:
-            done = _transfer(_preadv_nowait, device.fd, self.in_data, self.sector * SECTOR)
+            done = os.preadv(device.fd, self.in_data, self.sector * SECTOR, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError:
@@ -335,10 +352,6 @@ def _transfer(
                 pending[0] = pending[0][moved:]
                 moved = 0
     return total
-
-
-def _preadv_nowait(fd: int, views: Sequence[memoryview], offset: int) -> int:
-    return os.preadv(fd, views, offset, os.RWF_NOWAIT)
 
 
 def _write_zeroes(fd: int, offset: int, length: int) -> None:

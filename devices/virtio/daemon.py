@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ log = logging.getLogger("msixhub.virtio")
 
 VIRTIO_BAR = 4
 MAX_IN_FLIGHT = 32
+CHECKPOINT_EVERY = 16  # requests popped between two yields to the event loop
+NOTIFY_BATCH = 4  # inline completions per interrupt, at most (see _QueueWorker)
 
 
 class VirtioDaemon:
@@ -114,7 +117,9 @@ class VirtioDaemon:
             nursery.start_soon(worker.run)
         self.transport.resume()  # re-queues unfinished requests, kicks live queues
         if restarted:
-            log.info("resumed: live queues %s", self.transport.live_queues())
+            live = self.transport.live_queues()
+            again = sum(self.transport.requeued(queue) for queue in live)
+            log.info("resumed: live queues %s, %d requests taken before run again", live, again)
 
     async def bar_read(self, bar: int, offset: int, size: int) -> int:
         if bar != VIRTIO_BAR or self.transport is None:
@@ -182,13 +187,21 @@ class VirtioDaemon:
 
 
 class _QueueWorker:
-    """Pops one queue's requests and runs them, up to ``MAX_IN_FLIGHT`` at once."""
+    """Pops one queue's requests and runs them: inline when that cannot block, else in
+    worker threads, up to ``MAX_IN_FLIGHT`` of those at once.
+
+    Inline completions are published as they finish but interrupt the driver once per
+    ``NOTIFY_BATCH`` of them, and always before the worker waits for anything (more
+    requests, a thread slot, its turn on the event loop), so a completion never waits for
+    a later one to be signalled.
+    """
 
     def __init__(self, daemon: VirtioDaemon, index: int) -> None:
         self.daemon = daemon
         self.index = index
         self._wakeup = trio.Event()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._unsignalled = 0
         self._logged_error: str | None = None
 
     def wake(self) -> None:
@@ -201,20 +214,34 @@ class _QueueWorker:
             while True:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                while True:
-                    await self._slots.acquire()  # also the checkpoint of a long stream
+                for popped in itertools.count(1):
+                    if not popped % CHECKPOINT_EVERY:  # a long stream lets other tasks run
+                        self._signal(transport)
+                        await trio.lowlevel.checkpoint()
                     request = transport.pop(self.index)
                     if request is None:
-                        self._slots.release()
+                        self._signal(transport)
                         self._log_stop(transport)
                         break
-                    self.daemon._started()
                     if not request.blocking:
-                        self._complete(request, request.execute())
-                    elif (written := request.work.execute_nowait()) is not None:
-                        self._complete(request, written)
+                        written: int | None = request.execute()
                     else:
-                        requests.start_soon(self._execute_in_thread, request)
+                        written = request.work.execute_nowait()
+                    if written is not None:
+                        transport.complete(request, written, notify=False)
+                        self._unsignalled += 1
+                        if self._unsignalled >= NOTIFY_BATCH:
+                            self._signal(transport)
+                        continue
+                    self._signal(transport)
+                    await self._slots.acquire()
+                    self.daemon._started()
+                    requests.start_soon(self._execute_in_thread, request)
+
+    def _signal(self, transport: VirtioPciTransport) -> None:
+        if self._unsignalled:
+            self._unsignalled = 0
+            transport.notify_used(self.index)
 
     def _log_stop(self, transport: VirtioPciTransport) -> None:
         """Say once why the guest made this queue stop (it waits for a reset)."""
@@ -224,13 +251,10 @@ class _QueueWorker:
         self._logged_error = error
 
     async def _execute_in_thread(self, request: Request) -> None:
-        written = await trio.to_thread.run_sync(request.execute)
-        self._complete(request, written)
-
-    def _complete(self, request: Request, written: int) -> None:
-        transport = self.daemon.transport
-        assert transport is not None
         try:
+            written = await trio.to_thread.run_sync(request.execute)
+            transport = self.daemon.transport
+            assert transport is not None
             transport.complete(request, written)
         finally:
             self._slots.release()

@@ -56,6 +56,8 @@ from msixhub.devices.virtio.ring import Chain, RingLayout, SplitVirtqueue, Virtq
 from msixhub.protocol.errors import MsixhubError
 
 TRANSPORT_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
+_DRIVER_OK = int(Status.DRIVER_OK)
+_LIVE_MASK = int(Status.DRIVER_OK | Status.FAILED)
 
 
 class CommonCfg(IntEnum):
@@ -346,6 +348,10 @@ class VirtioPciTransport:
     def live_queues(self) -> list[int]:
         return [q for q in range(len(self._queues)) if self._live(q)]
 
+    def requeued(self, queue: int) -> int:
+        """Requests a restored queue took before the crash and has still to run again."""
+        return len(self._queues[queue].resubmit)
+
     # -- register access ----------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
@@ -480,10 +486,10 @@ class VirtioPciTransport:
         if added & Status.FEATURES_OK and not self._features_acceptable():
             new &= ~Status.FEATURES_OK
         if added & Status.DRIVER_OK and not new & Status.FEATURES_OK:
-            st.status = (new & ~Status.DRIVER_OK) | Status.DEVICE_NEEDS_RESET
+            st.status = int((new & ~Status.DRIVER_OK) | Status.DEVICE_NEEDS_RESET)
             self._signal_config()
             return
-        st.status = new
+        st.status = int(new)  # a plain int: the per-request liveness check reads it
         if added & Status.DRIVER_OK:
             for index, q in enumerate(self._queues):
                 if q.regs.enabled:
@@ -642,7 +648,7 @@ class VirtioPciTransport:
         return (
             q.ring is not None
             and not q.regs.broken
-            and self._st.status & (Status.DRIVER_OK | Status.FAILED) == Status.DRIVER_OK
+            and self._st.status & _LIVE_MASK == _DRIVER_OK  # plain ints: runs per request
         )
 
     def pop(self, queue: int) -> Request | None:
@@ -667,9 +673,12 @@ class VirtioPciTransport:
             self._fail(queue, exc)
             return None
 
-    def complete(self, request: Request, written: int) -> None:
+    def complete(self, request: Request, written: int, *, notify: bool = True) -> None:
         """Return a request on the used ring and interrupt the driver if it wants one.
 
+        ``notify=False`` leaves the interrupt to a later :meth:`notify_used` for the
+        queue, so a batch of completions costs one interrupt (vhost's ``add_used_n`` then
+        ``signal``); the caller must make that call before it waits for anything.
         A request whose device was reset since it was popped is dropped.
         """
         try:
@@ -677,17 +686,24 @@ class VirtioPciTransport:
             if request.ring is not q.ring:
                 return
             request.ring.push(request.chain.head, written)
-            if request.ring.needs_notification():
+            if notify and request.ring.needs_notification():
                 self._signal_queue(request.queue)
         finally:
             request.chain.release()
+
+    def notify_used(self, queue: int) -> None:
+        """Interrupt the driver if it wants one for what ``queue`` completed since the last
+        check (the event-idx rule spans the whole batch)."""
+        ring = self._queues[queue].ring
+        if ring is not None and ring.needs_notification():
+            self._signal_queue(queue)
 
     def _fail(self, index: int, exc: Exception) -> None:
         """A hostile guest: stop this queue, set DEVICE_NEEDS_RESET, tell the driver."""
         q = self._queues[index]
         q.regs.broken = True
         q.error = str(exc)
-        self._st.status |= Status.DEVICE_NEEDS_RESET
+        self._st.status = int(self._st.status | Status.DEVICE_NEEDS_RESET)
         self._save()
         self._signal_config()
 
