@@ -273,6 +273,13 @@ class Peer:
                     try:
                         await self._read_loop(handlers)
                     finally:
+                        # No reply can come any more: close now, so that every request
+                        # fails at once, not after the handlers finish (one that must finish,
+                        # shielded, would otherwise wait for a reply here for ever).
+                        self._mark_closed(
+                            self.close_reason or "connection closed",
+                            tell_peer=self.connection.state is not State.CLOSED,
+                        )
                         handlers.cancel_scope.cancel()
         finally:
             self._serve_scope = None
@@ -408,9 +415,11 @@ class Peer:
         every waiting request fails with ConnectionClosed."""
         await self._shut_down(reason, tell_peer=self.connection.state is not State.CLOSED)
 
-    async def _shut_down(self, reason: str, *, tell_peer: bool) -> None:
+    def _mark_closed(self, reason: str, *, tell_peer: bool) -> bool:
+        """The part of closing that never waits: no request may start, none waits any more.
+        False if the connection was closed already."""
         if self.closed.is_set():
-            return
+            return False
         self.close_reason = self.close_reason or reason
         self.closed.set()
         if tell_peer and not self._send_lock.locked():
@@ -422,6 +431,11 @@ class Peer:
         self._waiters.clear()
         for waiter in waiters:
             waiter.resolve(_Verdict.CLOSED)
+        return True
+
+    async def _shut_down(self, reason: str, *, tell_peer: bool) -> None:
+        if not self._mark_closed(reason, tell_peer=tell_peer):
+            return
         if self._serve_scope is not None:
             self._serve_scope.cancel()  # serve() closes the transport on its way out
         else:

@@ -252,20 +252,27 @@ class Hub:
                 await self._apply_route_changes()
 
     async def _apply_route_changes(self) -> None:
-        """Open or close the eventfd of every route acquired or released since the last call."""
-        while True:
-            changes = self._route_changes + self.routes.drain_changes()
-            self._route_changes = []
-            if not changes:
-                return
-            for change in changes:
-                device = self.devices.get(change.owner)
-                if device is None:
-                    continue
-                if change.acquired:
-                    await self._open_channel(device, change.vector)
-                else:
-                    await self._close_channel(device, change.vector)
+        """Open or close the eventfd of every route acquired or released since the last call.
+
+        Shielded: changes drained from the table must be applied whole. The request that
+        caused them is cancelled when its peer goes away (a daemon killed in the middle of
+        ``unuse``), and a change dropped halfway left a channel open without its route, so
+        that the vector's next ``use`` failed for good. Each message sent here is bounded by
+        TELL_TIMEOUT, so the shield cannot hold us long."""
+        with trio.CancelScope(shield=True):
+            while True:
+                changes = self._route_changes + self.routes.drain_changes()
+                self._route_changes = []
+                if not changes:
+                    return
+                for change in changes:
+                    device = self.devices.get(change.owner)
+                    if device is None:
+                        continue
+                    if change.acquired:
+                        await self._open_channel(device, change.vector)
+                    else:
+                        await self._close_channel(device, change.vector)
 
     async def _open_channel(self, device: Device, vector: int) -> None:
         fd = device.channels.open(vector)
