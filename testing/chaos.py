@@ -3,25 +3,28 @@ faults, then a check of every invariant the hub promises.
 
 A hub is started from a config that spawns, supervised, virtio-blk ``blk0`` on a temporary
 image, virtio-rng ``rng0``, and two ivshmem peers ``shm-a`` and ``shm-b`` of one domain. This
-process is the VMM: it attaches blk0, shm-a and shm-b, and runs for ``--seconds``:
+process is the VMM: it attaches blk0, shm-a and shm-b, and runs for ``--seconds`` (a warm-up
+of a tenth, at most 30 s, then faults):
 
 * virtio-blk: 8 workers, each owning 2 MiB of the disk, write and read random 4 KiB-aligned
   extents (up to 128 KiB) against a reference model; every read is verified at once and the
   image file is compared with the model at the end. Each request is counted when it
-  completes; the guest's ring checks catch a completion returned twice.
+  completes; the guest's ring checks refuse a completion returned twice.
 * ivshmem: shm-a rings shm-b's vectors (a Doorbell write, which this VMM turns into one write
   of its own ioeventfd: the hub is off the path), counted per vector as they are written.
 * a second VMM attaches rng0 through a fault proxy that corrupts, drops, duplicates, delays,
   reorders and truncates frames; each time its connection breaks it comes back.
 
-Faults come from one ``random.Random`` seeded from ``--seed``: a SIGKILL of a daemon every 2-3 s
-(the supervisor restarts it), and in between SIGSTOP/SIGCONT of a daemon for up to 0.8 s (less
-than the hub's 2 s patience with a peer, so a stopped daemon is slow, not dropped) and mask
-storms (shm-b's vector masks and function mask, blk0's queue vector). A SIGKILL of shm-b masks
-some of its vectors first, lets rings make them pending, and checks after the restart that
-every pending bit and mask is still there. The workloads draw from seeds derived from the same
-one, so a seed replays the same schedule and the same data (the interleaving with the other
-processes still varies); a failing run prints its seed and the command that reruns it.
+Faults come from one ``random.Random`` seeded from ``--seed``: SIGKILL number k is due k times
+2-3 s after the warm-up (blk0 first, then a daemon drawn at random, blk0 twice as likely as
+each other; the supervisor restarts it), and in between SIGSTOP/SIGCONT of a daemon for up to
+0.8 s (less than the hub's 2 s patience with a peer, so a stopped daemon is slow, not
+dropped) and mask storms (shm-b's vector masks and function mask, blk0's queue vector). A
+SIGKILL of shm-b masks some of its vectors first, lets rings make them pending, and checks
+after the restart that every pending bit, mask and table entry is still there. The workloads
+draw from seeds derived from the same one, so a seed replays the same schedule and the same
+data (the interleaving with the other processes still varies); a failing run prints its seed
+and the command that reruns it.
 
 Notification accounting, per shm-b vector. Every ring is one count in the vector's eventfd;
 the VMM reads it while the vector is unmasked (``received``: the sum of ``Interrupt.count``),
@@ -38,11 +41,14 @@ three stay 0 here). After the final unmask nothing is pending; ``lost = sent - r
 must be 0 (a negative one would be a duplicate).
 
 Hub health. The hub's pid is the same from start to end and it never exited; it logged no
-error. Its fd count and VmRSS are sampled at quiet points (every daemon up, only this VMM
-connected): after a warm-up, and at the end. The fd count must not grow at all (the quiet
-points hold the same connections and channels, so any growth is a leak); memory must stay
-within 5% for runs of at least 5 minutes, and is only reported for shorter ones (the
-allocator is still warming up then).
+error. Its fds and VmRSS are sampled at two quiet points, after the warm-up and at the end:
+the churn VMM gone, a fresh VMM has just attached rng0, read from it and left (so rng0 holds
+the same vectors), every daemon up, and the hub's fds unchanged over three polls. The rule:
+the fd count must not grow at all, whatever the run's length (the quiet points hold the same
+connections, channels and memory, so any growth is a leak, and a leak per fault shows after
+a few seconds); VmRSS must stay within 5% for runs of at least 5 minutes, and is only
+reported for shorter ones (the allocator is still warming up then, and a leak per fault is
+too small to see in 5%).
 """
 
 from __future__ import annotations
@@ -308,8 +314,7 @@ class HubSample:
 def fd_kinds(pid: int) -> Counter[str]:
     """Kinds of ``pid``'s open fds: ``socket:[123]`` counts as ``socket``, and so on."""
     return Counter(
-        re.sub(r"[:(\[]\[?\d+\]?.*$| \(deleted\)$", "", target)
-        for target in fd_targets(pid).values()
+        re.sub(r":\[\d+\]$| \(deleted\)$", "", target) for target in fd_targets(pid).values()
     )
 
 
@@ -420,6 +425,30 @@ async def attach_devices(vm: VmmClient, guest: Guest, status: HubStatus) -> Atta
     return Attached(blk, guest.drivers["blk0"].plan.queues[0], a, b, peer_ids)
 
 
+class HubLog:
+    """The hub's log (its daemons log there too), kept whole in a file for the run: the
+    process keeps only its last lines, and a failure needs its traceback."""
+
+    def __init__(self, hub: ManagedProcess, path: Path) -> None:
+        self.hub = hub
+        self.path = path
+        self.file = open(path, "w")  # noqa: SIM115 - open for the whole run, closed by close()
+        self.seen = 0
+
+    def new_lines(self) -> list[str]:
+        """Lines logged since the last call (written to the file)."""
+        lines = list(self.hub.lines)
+        first = self.hub.line_count - len(lines)
+        new = lines[max(0, self.seen - first) :]
+        self.seen = first + len(lines)
+        self.file.writelines(f"{line}\n" for line in new)
+        self.file.flush()
+        return new
+
+    def close(self) -> None:
+        self.file.close()
+
+
 # --- the campaign ----------------------------------------------------------------------------
 
 _DAEMON_LINE = re.compile(r"^\S+ \S+ \S+\[\d+\] ")
@@ -437,16 +466,18 @@ class Campaign:
         attached: Attached,
         proxy: FaultProxy,
         image: Path,
+        log: HubLog,
         hub_started: float,
     ) -> None:
         self.report = report
         self.hub = hub
+        self.log = log
+        self.hub_started = hub_started
         self.status = status
         self.vm = vm
         self.guest = guest
         self.proxy = proxy
         self.image = image
-        self.hub_started = hub_started
         self.seed = report.seed
         self.rng = random.Random(derive_seed(self.seed, "faults"))
         self.deadline = math.inf  # set once the start sample is taken
@@ -458,8 +489,8 @@ class Campaign:
         self.models = [bytearray(REGION) for _ in range(BLK_WORKERS)]
         self.request_ids = itertools.count()
         self.submitted = 0
-        self.completions: Counter[int] = Counter()
-        self.in_flight = 0
+        self.completed = 0
+        self.outstanding: set[int] = set()  # submitted, not completed (lost if left at the end)
         self.in_flight_at_kills = 0
         self.failed = Tally()
         self.mismatches = Tally()
@@ -492,7 +523,6 @@ class Campaign:
         # the hub
         self.samples: dict[str, HubSample] = {}
         self.fd_peak = 0
-        self.log_seen = 0
         self.hub_errors = Tally()
         self.daemon_errors = Tally()
         self.tracebacks = 0
@@ -550,15 +580,13 @@ class Campaign:
             write = rng.random() < WRITE_SHARE
             data = rng.randbytes(length) if write else b""
             self.submitted += 1
-            self.in_flight += 1
-            try:
-                if write:
-                    status, _, _ = await self.blk.request(BlkType.OUT, sector, out=data)
-                else:
-                    status, data, _ = await self.blk.request(BlkType.IN, sector, in_len=length)
-            finally:
-                self.in_flight -= 1
-            self.completions[request] += 1
+            self.outstanding.add(request)
+            if write:
+                status, _, _ = await self.blk.request(BlkType.OUT, sector, out=data)
+            else:
+                status, data, _ = await self.blk.request(BlkType.IN, sector, in_len=length)
+            self.outstanding.remove(request)
+            self.completed += 1
             what = f"{'write' if write else 'read'} of {length} bytes at sector {sector}"
             if status != BlkStatus.OK:
                 self.failed.add(f"{what}: status {status}")
@@ -629,23 +657,18 @@ class Campaign:
                 next_progress += PROGRESS_EVERY
                 self.say(
                     f"progress: {sum(self.kills.values())} kills, {sum(self.rings)} rings, "
-                    f"{len(self.completions)} requests, hub fds {open_fds(self.hub.pid)}, "
+                    f"{self.completed} requests, hub fds {open_fds(self.hub.pid)}, "
                     f"VmRSS {vm_rss_kib(self.hub.pid)} kB"
                 )
             await trio.sleep(0.25)
 
     def scan_log(self) -> None:
-        lines = list(self.hub.lines)
-        first = self.hub.line_count - len(lines)
-        for index, line in enumerate(lines):
-            if first + index < self.log_seen:
-                continue
+        for line in self.log.new_lines():
             if "Traceback (most recent call last)" in line:
                 self.tracebacks += 1
             elif _ERROR_LINE.search(line):
                 errors = self.daemon_errors if _DAEMON_LINE.match(line) else self.hub_errors
                 errors.add(line)
-        self.log_seen = first + len(lines)
 
     # --- faults ------------------------------------------------------------------------------
 
@@ -689,9 +712,9 @@ class Campaign:
         os.kill(pid, signal.SIGKILL)
         self.killed_pids.add(pid)
         self.kills[device_id] += 1
-        extra = f", {self.in_flight} requests in flight" if device_id == "blk0" else ""
+        extra = f", {len(self.outstanding)} requests in flight" if device_id == "blk0" else ""
         if device_id == "blk0":
-            self.in_flight_at_kills += self.in_flight
+            self.in_flight_at_kills += len(self.outstanding)
         self.say(f"SIGKILL {device_id} (pid {pid}){extra}")
 
     async def kill_peer_with_pending(self, device: Mapping[str, Any]) -> None:
@@ -827,7 +850,7 @@ class Campaign:
         memory, layout = queue.memory, queue.layout
         rows = await self.vector_rows("blk0")
         return (
-            f"blk0: {self.in_flight} requests waiting; avail idx {memory.read_u16(layout.avail + 2)}, "
+            f"blk0: {len(self.outstanding)} requests waiting; avail idx {memory.read_u16(layout.avail + 2)}, "
             f"used idx {memory.read_u16(layout.used + 2)}, used flags {memory.read_u16(layout.used)}; "
             f"guest masks {[device.is_masked(v) for v in range(device.info.num_vectors)]}, "
             f"notifications {list(device.notifications)}; "
@@ -982,14 +1005,16 @@ class Campaign:
             or f"{b_kills} restarts, {self.carried} pending bits carried over, peer ids {peers}",
         )
 
-        completed = len(self.completions)
-        duplicated = sum(n - 1 for n in self.completions.values() if n > 1)
+        # A completion returned twice, or for a request not in flight, breaks the used ring's
+        # contract: the guest's driver refuses it (misbehaviour) and the request waits forever.
         misbehaviour = self.guest.misbehaviour
+        lost = len(self.outstanding)
         report.check(
             "virtio-blk: every request completed exactly once",
-            completed == self.submitted and not duplicated and not misbehaviour and not self.failed,
-            f"{self.submitted} submitted, {completed} completed, {duplicated} twice, "
-            f"{len(self.failed)} failed, {self.in_flight_at_kills} in flight at blk0's kills"
+            self.completed == self.submitted and not misbehaviour and not self.failed,
+            f"{self.submitted} submitted, {self.completed} completed, {lost} lost, "
+            f"{len(misbehaviour)} used-ring violations, {len(self.failed)} failed, "
+            f"{self.in_flight_at_kills} in flight at blk0's kills"
             + "".join(f"; {m}" for m in misbehaviour[:3])
             + self.failed.detail(),
         )
@@ -1056,9 +1081,9 @@ class Campaign:
             },
             "requests": {
                 "submitted": self.submitted,
-                "completed": completed,
-                "duplicated": duplicated,
-                "lost": self.submitted - completed,
+                "completed": self.completed,
+                "duplicated": len(misbehaviour),
+                "lost": lost,
                 "failed": len(self.failed),
                 "reads_verified": self.reads_verified,
                 "bytes_written": self.bytes_written,
@@ -1112,6 +1137,7 @@ async def run_campaign(report: ChaosReport) -> None:
         config = directory / "hub.toml"
         config.write_text(hub_config(socket_path, image))
         hub = ManagedProcess("hub", msixhub_command("serve", "--config", str(config)))
+        log = HubLog(hub, Path(tempfile.gettempdir()) / f"msixhub-chaos-{report.seed}.log")
         campaign: Campaign | None = None
         async with trio.open_nursery() as nursery:
             hub_started = time.monotonic()
@@ -1136,16 +1162,18 @@ async def run_campaign(report: ChaosReport) -> None:
                         with trio.fail_after(SETUP_TIMEOUT):
                             attached = await attach_devices(vm, guest, status)
                         campaign = Campaign(
-                            report, hub, status, vm, guest, attached, proxy, image, hub_started
+                            report, hub, status, vm, guest, attached, proxy, image, log, hub_started
                         )
                         await campaign.run(report.seconds)
             except Exception as exc:
-                report.check("the campaign ran to the end", False, f"{type(exc).__name__}: {exc}")
+                report.check("the campaign ran to the end", False, _where(_leaf(exc)))
                 report.say(hub.log_tail(30))
             finally:
                 with trio.CancelScope(shield=True):
                     await hub.stop()
                 nursery.cancel_scope.cancel()
+        log.new_lines()
+        log.close()
         pids = campaign.daemon_pids if campaign is not None else set()
         left = sorted(pid for pid in pids | {hub.pid} if _alive(pid))
         report.check(
@@ -1153,6 +1181,10 @@ async def run_campaign(report: ChaosReport) -> None:
             not left and not socket_path.exists(),
             f"processes left {left or 'none'}, socket removed: {not socket_path.exists()}",
         )
+        if report.passed:
+            log.path.unlink()
+        else:
+            report.say(f"the hub's log (its daemons' too) is kept in {log.path}")
 
 
 def render(report: ChaosReport) -> str:
