@@ -93,6 +93,8 @@ class Guest:
                     vm.handler = None
                     nursery.cancel_scope.cancel()
         finally:
+            for driver in guest.drivers.values():
+                driver.close()
             memory.close()
 
     async def virtio(self, device_id: str, *, msix: bool = True) -> VirtioPciDriver:

@@ -149,7 +149,7 @@ class VirtioPciDriver:
         """Bring the device to DRIVER_OK with one queue per entry of ``queue_sizes``
         (None: the device's maximum). Returns the negotiated features."""
         await self.reset()
-        self.queues.clear()  # a reset device forgot them; their memory is not reused
+        self.close()  # a reset device forgot its queues; their memory is not reused
         self._notify_offsets.clear()
         await self._add_status(Status.ACKNOWLEDGE)
         await self._add_status(Status.DRIVER)
@@ -288,6 +288,12 @@ class VirtioPciDriver:
 
     async def wait_config_change(self) -> None:
         await self._config_changed.wait()
+
+    def close(self) -> None:
+        """Forget the queues (and let go of their views of guest memory)."""
+        for queue in self.queues:
+            queue.close()
+        self.queues.clear()
 
 
 class BlkError(MsixhubError):

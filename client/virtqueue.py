@@ -9,6 +9,11 @@ virtio-pci modern). Free descriptors are linked through a private copy of the ``
 fields (the device can write the table; our bookkeeping must not depend on it). A chain
 of more than one buffer goes into an indirect table when VIRTIO_F_INDIRECT_DESC is
 negotiated, as Linux does; each head owns one preallocated indirect table.
+
+The queue keeps views of its areas (rings and indirect tables, each inside one region of
+guest memory) for its life; :meth:`DriverVirtqueue.close` lets them go. Indices and event
+fields shared with the device are items of ``memoryview.cast("H")`` views: one 2-byte
+load or store each (see :mod:`msixhub.devices.virtio.ring`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from msixhub.devices.virtio.constants import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from msixhub.devices.virtio.ring import DESC, RingLayout, full_barrier, vring_need_event
+from msixhub.devices.virtio.ring import (
+    DESC,
+    USED_ELEM,
+    RingLayout,
+    full_barrier,
+    vring_need_event,
+)
 
 Buffer = tuple[int, int]  # (guest-physical address, length)
 
@@ -102,6 +113,16 @@ class DriverVirtqueue:
         self._indirect_base = (
             allocator.alloc(size * max_indirect * DESC.size, 16) if indirect else 0
         )
+        layout = self.layout
+        self._desc = memory.translate(layout.desc, layout.desc_bytes)
+        self._avail16 = memory.translate(layout.avail, layout.avail_bytes).cast("H")
+        self._used = memory.translate(layout.used, layout.used_bytes)
+        self._used16 = self._used.cast("H")
+        self._indirect = (
+            memory.translate(self._indirect_base, size * max_indirect * DESC.size)
+            if indirect
+            else None
+        )
         self._next = [(i + 1) % size for i in range(size)]
         self._free_head = 0
         self.num_free = size
@@ -141,16 +162,20 @@ class DriverVirtqueue:
             raise QueueFull(f"{needed} descriptors wanted, {self.num_free} free")
         head = self._free_head
         if use_indirect:
-            table = self._indirect_base + head * self.max_indirect * DESC.size
-            self._write_chain(table, list(range(len(buffers))), buffers)
+            assert self._indirect is not None
+            first = head * self.max_indirect
             self._write_chain(
-                self.layout.desc, [head], [(table, DESC.size * len(buffers), VIRTQ_DESC_F_INDIRECT)]
+                self._indirect, list(range(first, first + len(buffers))), buffers, first
+            )
+            table = self._indirect_base + first * DESC.size
+            self._write_chain(
+                self._desc, [head], [(table, DESC.size * len(buffers), VIRTQ_DESC_F_INDIRECT)]
             )
         else:
             positions = [head]
             for _ in buffers[1:]:
                 positions.append(self._next[positions[-1]])
-            self._write_chain(self.layout.desc, positions, buffers)
+            self._write_chain(self._desc, positions, buffers)
         tail = head
         for _ in range(needed - 1):
             tail = self._next[tail]
@@ -158,29 +183,30 @@ class DriverVirtqueue:
         self.num_free -= needed
         self._chain_descs[head] = needed
         self._tokens[head] = token
-        self.memory.write_u16(self.layout.avail + 4 + 2 * (self._avail_idx % self.size), head)
+        self._avail16[2 + self._avail_idx % self.size] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF  # ring entry before idx (x86 TSO)
-        self.memory.write_u16(self.layout.avail + 2, self._avail_idx)
+        self._avail16[1] = self._avail_idx
         self._num_added += 1
         return head
 
+    @staticmethod
     def _write_chain(
-        self, table: int, positions: list[int], buffers: list[tuple[int, int, int]]
+        table: memoryview,
+        positions: list[int],
+        buffers: list[tuple[int, int, int]],
+        base: int = 0,
     ) -> None:
-        """Write ``buffers`` as one chain into table entries ``positions``, in order (with one
-        copy when the entries are consecutive, as in an indirect table)."""
-        descs = []
+        """Write ``buffers`` as one chain into ``table`` entries ``positions``, in order;
+        ``next`` fields count from entry ``base`` (an indirect table inside the area of all).
+        The device reads none of them before the chain is published."""
+        last = len(buffers) - 1
         for number, (addr, length, flags) in enumerate(buffers):
-            last = number == len(buffers) - 1
-            next_index = 0 if last else positions[number + 1]
-            descs.append(
-                DESC.pack(addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT), next_index)
-            )
-        if positions == list(range(positions[0], positions[0] + len(positions))):
-            self.memory.write(table + DESC.size * positions[0], b"".join(descs))
-            return
-        for position, desc in zip(positions, descs, strict=True):
-            self.memory.write(table + DESC.size * position, desc)
+            if number < last:
+                flags |= VIRTQ_DESC_F_NEXT
+                next_index = positions[number + 1] - base
+            else:
+                next_index = 0
+            DESC.pack_into(table, DESC.size * positions[number], addr, length, flags, next_index)
 
     def kick_prepare(self) -> bool:
         """Whether the device wants a notification for what was added since the last call."""
@@ -188,22 +214,20 @@ class DriverVirtqueue:
         old, new = (self._avail_idx - self._num_added) & 0xFFFF, self._avail_idx
         self._num_added = 0
         if self.event_idx:
-            avail_event = self.memory.read_u16(self.layout.used + 4 + 8 * self.size)
-            return vring_need_event(avail_event, new, old)
-        return not self.memory.read_u16(self.layout.used) & VIRTQ_USED_F_NO_NOTIFY
+            return vring_need_event(self._used16[2 + 4 * self.size], new, old)  # avail_event
+        return not self._used16[0] & VIRTQ_USED_F_NO_NOTIFY
 
     # -- harvest --------------------------------------------------------------------------
 
     def get_used(self) -> Used | None:
         """The next used entry, or None. Validates what the device wrote."""
-        used_idx = self.memory.read_u16(self.layout.used + 2)
+        used_idx: int = self._used16[1]
         pending = (used_idx - self._last_used) & 0xFFFF
         if not pending:
             return None
         if pending > self.size:
             raise DeviceMisbehaved(f"used idx {used_idx} is {pending} past {self._last_used}")
-        slot = self.layout.used + 4 + 8 * (self._last_used % self.size)
-        head, length = self.memory.read_u32(slot), self.memory.read_u32(slot + 4)
+        head, length = USED_ELEM.unpack_from(self._used, 4 + 8 * (self._last_used % self.size))
         if head >= self.size or self._tokens[head] is None:
             raise DeviceMisbehaved(f"used ring returns head {head}, which is not in flight")
         token, self._tokens[head] = self._tokens[head], None
@@ -215,7 +239,7 @@ class DriverVirtqueue:
         self.num_free += self._chain_descs[head]
         self._last_used = (self._last_used + 1) & 0xFFFF
         if self.event_idx and not self._interrupts_off:
-            self.memory.write_u16(self.layout.avail + 4 + 2 * self.size, self._last_used)
+            self._avail16[2 + self.size] = self._last_used  # used_event
             full_barrier()  # the next used idx load must not pass that store (Linux: store_mb)
         return Used(token, length)
 
@@ -223,14 +247,20 @@ class DriverVirtqueue:
         """Ask the device not to interrupt (a hint, like Linux ``virtqueue_disable_cb``)."""
         self._interrupts_off = True
         if not self.event_idx:
-            self.memory.write_u16(self.layout.avail, VIRTQ_AVAIL_F_NO_INTERRUPT)
+            self._avail16[0] = VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_interrupts(self) -> bool:
         """Re-enable interrupts; False if used entries are already waiting (poll again)."""
         self._interrupts_off = False
         if self.event_idx:
-            self.memory.write_u16(self.layout.avail + 4 + 2 * self.size, self._last_used)
+            self._avail16[2 + self.size] = self._last_used
         else:
-            self.memory.write_u16(self.layout.avail, 0)
+            self._avail16[0] = 0
         full_barrier()
-        return self.memory.read_u16(self.layout.used + 2) == self._last_used
+        return bool(self._used16[1] == self._last_used)
+
+    def close(self) -> None:
+        """Let go of the views of the queue's areas (the queue is unusable after)."""
+        views = [self._avail16, self._used16, self._desc, self._used]
+        for view in [*views, *([self._indirect] if self._indirect is not None else [])]:
+            view.release()
