@@ -8,7 +8,9 @@
 * Queues: a kick wakes the queue's task, which pops requests and runs each one, completing
   them in the used ring as they finish: at once if that cannot block (a read the page cache
   holds, see ``BlkRequest.execute_nowait``), else in a worker thread, up to ``MAX_IN_FLIGHT``
-  per queue so a deep queue keeps the disk busy.
+  per queue so a deep queue keeps the disk busy. Completions made at once interrupt the
+  driver once per small batch (and always before the task waits), as vhost signals once
+  per batch of used buffers.
 * Crash recovery: the device-state region the hub keeps records each request taken and
   not completed; a restarted daemon re-runs exactly those, then carries on.
 """
