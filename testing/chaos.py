@@ -456,6 +456,12 @@ _ERROR_LINE = re.compile(r" (ERROR|CRITICAL) ")
 
 
 class Campaign:
+    """One run: the workloads, the faults, what each counted, and the judgement.
+
+    Everything runs in this process's trio loop; the counters are plain attributes because
+    only its tasks touch them. The hub is observed only from outside (status queries, its
+    log, /proc), as a user would."""
+
     def __init__(
         self,
         report: ChaosReport,
@@ -1137,7 +1143,8 @@ async def run_campaign(report: ChaosReport) -> None:
         config = directory / "hub.toml"
         config.write_text(hub_config(socket_path, image))
         hub = ManagedProcess("hub", msixhub_command("serve", "--config", str(config)))
-        log = HubLog(hub, Path(tempfile.gettempdir()) / f"msixhub-chaos-{report.seed}.log")
+        log_name = f"msixhub-chaos-seed{report.seed}-{os.getpid()}.log"  # runs may overlap
+        log = HubLog(hub, Path(tempfile.gettempdir()) / log_name)
         campaign: Campaign | None = None
         async with trio.open_nursery() as nursery:
             hub_started = time.monotonic()
@@ -1182,7 +1189,7 @@ async def run_campaign(report: ChaosReport) -> None:
             f"processes left {left or 'none'}, socket removed: {not socket_path.exists()}",
         )
         if report.passed:
-            log.path.unlink()
+            log.path.unlink(missing_ok=True)
         else:
             report.say(f"the hub's log (its daemons' too) is kept in {log.path}")
 
