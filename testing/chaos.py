@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import trio
+from msixhub.client.demo import Check
 from msixhub.client.guest import Guest
 from msixhub.client.msix_guest import FUNCTION_MASK, MSIX_ENABLE, set_vector_mask
 from msixhub.client.virtio_driver import BlkDriver
@@ -232,13 +233,6 @@ def percent_change(start: int, end: int) -> float:
 
 
 # --- the report ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
 
 
 @dataclass(slots=True)
