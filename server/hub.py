@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 
 import trio
 from msixhub.protocol.connection import Notice, Request
-from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError, RemoteError
+from msixhub.protocol.errors import (
+    ConnectionClosed,
+    ErrorCode,
+    FdPassingUnsupported,
+    MessageError,
+    RemoteError,
+)
 from msixhub.protocol.fds import OwnedFd, close_all, eventfd, memfd
 from msixhub.protocol.messages import (
     Attached,
@@ -305,6 +311,7 @@ class Hub:
     async def register_device(self, peer: Peer, request: Request) -> tuple[Message, list[OwnedFd]]:
         info = request.body.info  # type: ignore[attr-defined]
         _check_layout(info)
+        _check_takes_fds(peer, "a device daemon")
         async with self.lock:
             if peer in self._device_of:
                 raise MessageError(
@@ -440,6 +447,7 @@ class Hub:
     async def attach(self, peer: Peer, request: Request) -> tuple[Message, list[OwnedFd]]:
         vmm = self._vmm_of(peer)
         device_id = request.body.device  # type: ignore[attr-defined]
+        _check_takes_fds(peer, "a VMM that attaches devices")
         async with self.lock:
             device = self.devices.get(device_id)
             if device is None:
@@ -587,7 +595,9 @@ class Hub:
 def _table_image(msix: MsixCapability) -> bytes:
     """The MSI-X table as the guest reads it, 16 bytes per entry."""
     size = msix.num_vectors * ENTRY_SIZE
-    return b"".join(msix.table_read(offset, 4).to_bytes(4, "little") for offset in range(0, size, 4))
+    return b"".join(
+        msix.table_read(offset, 4).to_bytes(4, "little") for offset in range(0, size, 4)
+    )
 
 
 async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> None:
@@ -603,6 +613,18 @@ async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> 
         await peer.aclose(f"did not answer {type(body).__name__} in time")
     except (RemoteError, ConnectionClosed) as exc:
         log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
+    except MessageError as exc:  # FdPassingUnsupported, too many fds: nothing was sent
+        log.error("refused to send %s to %s: %s", type(body).__name__, who, exc)
+
+
+def _check_takes_fds(peer: Peer, who: str) -> None:
+    """Refuse, before anything changes, a peer that cannot take the fds its role needs (on
+    TCP, or one that said it takes none): the hub would have nothing to hand it later."""
+    connection = peer.connection
+    if not connection.fd_passing or connection.send_max_fds == 0:
+        raise FdPassingUnsupported(
+            f"{who} needs fd passing (eventfds, guest memory); connect over the unix socket"
+        )
 
 
 def _check_layout(info: DeviceInfo) -> None:

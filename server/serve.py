@@ -146,6 +146,7 @@ class HubServer:
         self.hub = hub
         self.allow_other_users = allow_other_users
         self.connections = 0
+        self.tcp_addresses: list[tuple[str, int]] = []  # where TCP listens (port 0: the one taken)
 
     async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
@@ -195,6 +196,7 @@ async def run_hub(
         async with trio.open_nursery() as nursery:
             hub = Hub(RouteTable(config.route_policy, config.route_budget), nursery)
             server = HubServer(hub, allow_other_users=config.allow_other_users)
+            server.tcp_addresses = [tcp.getsockname()[:2] for tcp in tcp_listeners]
             try:
                 nursery.start_soon(server.accept_loop, listener, nursery)
                 for tcp in tcp_listeners:

@@ -1,0 +1,135 @@
+"""Peers that cannot take file descriptors (on TCP, or a unix peer that said it takes none).
+
+Everything a device daemon or an attaching VMM gets from the hub is an fd (eventfds, kick
+fds, guest memory), so the hub refuses such a peer those roles up front with a clear
+``unsupported`` error and changes nothing; a peer on TCP can still ask for status. Before,
+the attach went halfway: the reply (kick fds) failed to go out, the device stayed attached
+to a VMM that could never use it, and no other VMM could take it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from msixhub.client.vmm import connect
+from msixhub.devices.testdev import TestDevice
+from msixhub.protocol.errors import ErrorCode, RemoteError
+from msixhub.protocol.fds import eventfd
+from msixhub.protocol.messages import (
+    Attach,
+    RegisterDevice,
+    Role,
+    SetIrqFd,
+    StatusQuery,
+    StatusReport,
+)
+from msixhub.protocol.peer import Peer, connect_tcp, connect_unix, open_peer
+from msixhub.protocol.transport import Transport
+from msixhub.server.hub import Hub
+from msixhub.server.serve import HubConfig, HubServer, run_hub
+from msixhub.testing.inprocess import inprocess_testdev
+from msixhub.testing.system import Testdev, next_interrupt
+
+TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class TcpHub:
+    """An in-process hub listening on a unix socket and on TCP (a port of its choosing)."""
+
+    socket: str
+    server: HubServer
+
+    @property
+    def hub(self) -> Hub:
+        return self.server.hub
+
+
+@asynccontextmanager
+async def hub_with_tcp(directory: Path) -> AsyncIterator[TcpHub]:
+    config = HubConfig(socket=str(directory / "hub.sock"), tcp=("127.0.0.1", 0))
+    async with trio.open_nursery() as nursery:
+        server: HubServer = await nursery.start(run_hub, config)
+        try:
+            yield TcpHub(config.socket, server)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+Connector = Callable[[TcpHub], Awaitable[tuple[Transport, int]]]  # a transport, the fds we take
+
+
+async def over_tcp(hub: TcpHub) -> tuple[Transport, int]:
+    host, port = hub.server.tcp_addresses[0]
+    return await connect_tcp(host, port), 0
+
+
+async def over_unix_without_fds(hub: TcpHub) -> tuple[Transport, int]:
+    return await connect_unix(hub.socket), 0
+
+
+@pytest.fixture(params=[over_tcp, over_unix_without_fds], ids=["tcp", "unix-no-fds"])
+def connector(request: pytest.FixtureRequest) -> Connector:
+    return request.param  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def fdless_peer(hub: TcpHub, connector: Connector, role: Role) -> AsyncIterator[Peer]:
+    transport, max_fds = await connector(hub)
+    async with open_peer(transport, role, name=f"fdless-{role}", max_fds=max_fds) as peer:
+        yield peer
+
+
+async def test_attach_and_register_are_refused_and_nothing_changes(
+    tmp_path: Path, connector: Connector
+) -> None:
+    async with (
+        hub_with_tcp(tmp_path) as server,
+        inprocess_testdev(server.socket, "dev0", vectors=2),
+    ):
+        with trio.fail_after(TIMEOUT):
+            async with fdless_peer(server, connector, "vmm") as vmm:
+                with pytest.raises(RemoteError) as refused:
+                    await vmm.call(Attach("dev0"))
+                assert refused.value.code == ErrorCode.UNSUPPORTED
+                assert "fd passing" in refused.value.message
+                report = await vmm.call(StatusQuery())  # still served: status needs no fds
+                assert isinstance(report, StatusReport)
+                assert [d["vmm"] for d in report.report["devices"]] == [None]
+
+            async with fdless_peer(server, connector, "device") as daemon:
+                with pytest.raises(RemoteError) as refused:
+                    await daemon.request(RegisterDevice(TestDevice("dev1", 2, 1).info))
+                assert refused.value.code == ErrorCode.UNSUPPORTED
+            assert list(server.hub.devices) == ["dev0"]
+
+            # The device is free for a VMM that can take fds, and interrupts flow.
+            async with connect(server.socket, name="vm0") as vm:
+                testdev = Testdev(await vm.attach("dev0"))
+                await testdev.setup(range(2))
+                await testdev.notify(1)
+                interrupt = await next_interrupt(vm)
+                assert (interrupt.vector, interrupt.count) == (1, 1)
+
+
+async def test_an_fd_the_peer_cannot_take_is_a_logged_refusal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub's last line of defence: ``_tell`` (which route changes, attaches and restarts
+    use) never lets FdPassingUnsupported escape into the task that called it."""
+    async with hub_with_tcp(tmp_path) as server:
+        with trio.fail_after(TIMEOUT):
+            async with fdless_peer(server, over_tcp, "vmm") as peer:
+                status = await peer.call(StatusQuery())  # the hub has registered it by now
+                assert isinstance(status, StatusReport)
+                (vmm,) = server.hub.vmms.values()
+                with eventfd() as fd, caplog.at_level(logging.ERROR, "msixhub.hub"):
+                    await server.hub._tell_vmm(vmm, SetIrqFd("dev0", 0), [fd])
+                assert "refused to send SetIrqFd" in caplog.text
+                assert vmm.peer.is_open
