@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -133,6 +133,8 @@ class Hub:
         self._route_changes: list[RouteChange] = []  # drained from the table, not yet applied
         self.started = trio.current_time()
         self.ivshmem = IvshmemHost(self)
+        # Told (device id, daemon pid) at every registration: the supervisor's health signal.
+        self.on_registered: Callable[[str, int | None], None] | None = None
         nursery.start_soon(self._route_worker)
 
     # --- connections -----------------------------------------------------------------------
@@ -344,6 +346,8 @@ class Hub:
             info.kind,
             "re-registered" if restarted else "registered",
         )
+        if self.on_registered is not None:
+            self.on_registered(info.device, device.pid)
         reply = Registered(restarted=restarted, has_inflight=device.inflight is not None)
         # Reply fds are closed once sent: the daemon gets a duplicate, the hub keeps its own.
         return reply, [device.inflight.dup()] if device.inflight is not None else []

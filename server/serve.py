@@ -202,6 +202,7 @@ async def run_hub(
                 for tcp in tcp_listeners:
                     nursery.start_soon(server.accept_loop, tcp, nursery)
                 supervisor = Supervisor(config.socket)
+                hub.on_registered = supervisor.registered
                 for spec in config.devices:
                     nursery.start_soon(supervisor.supervise, spec)
                 if config.ivshmem:
