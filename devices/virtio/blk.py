@@ -96,6 +96,12 @@ class BlkStatus(IntEnum):
 
 SEGMENT_FLAG_UNMAP = 1
 
+# Plain ints and bound methods for the per-request path (an IntEnum compare is slower).
+_IN = int(BlkType.IN)
+_OK = int(BlkStatus.OK)
+_RWF_NOWAIT = os.RWF_NOWAIT
+_unpack_header = REQUEST_HEADER.unpack_from
+
 
 class BlkDevice:
     """The virtio-blk device type: one request queue over an image fd (the caller's)."""
@@ -115,13 +121,20 @@ class BlkDevice:
         max_discard_sectors: int = 1 << 22,
         max_write_zeroes_sectors: int = 1 << 22,
         max_segments: int = 32,
+        fail_sectors: Sequence[tuple[int, int]] = (),
     ) -> None:
+        """``fail_sectors``: inclusive ``(first, last)`` sector ranges where I/O fails, for
+        testing a guest's error paths without root (no dm-error, no faulty disk): a request
+        that touches one is answered ``IOERR`` and moves no data."""
         if blk_size < SECTOR or blk_size & (blk_size - 1):
             raise ValueError(f"blk_size {blk_size} is not a power of two >= 512")
         if len(serial) > ID_BYTES:
             raise ValueError(f"serial is longer than {ID_BYTES} bytes")
         if queue_size < 4 or queue_size & (queue_size - 1):
             raise ValueError(f"queue size {queue_size} is not a power of two >= 4")
+        for first, last in fail_sectors:
+            if not 0 <= first <= last:
+                raise ValueError(f"bad failing sector range {first}-{last}")
         self.fd = image if isinstance(image, int) else image.fileno()
         self.read_only = read_only
         self.max_queue_size = queue_size
@@ -130,6 +143,7 @@ class BlkDevice:
         self.max_discard_sectors = max_discard_sectors
         self.max_write_zeroes_sectors = max_write_zeroes_sectors
         self.max_segments = max_segments
+        self.fail_sectors = tuple(fail_sectors)
         image_bytes = os.fstat(self.fd).st_size
         self.capacity = image_bytes // blk_size * (blk_size // SECTOR)  # in 512-byte sectors
         self.nowait_reads = True  # cleared if the file refuses RWF_NOWAIT
@@ -184,7 +198,7 @@ class BlkDevice:
             raise VirtqueueError(f"blk request at head {chain.head} has no status byte")
         first = chain.readable[0]
         if len(first) >= REQUEST_HEADER.size:  # the header in one buffer, as drivers put it
-            kind, _reserved, sector = REQUEST_HEADER.unpack_from(first)
+            kind, _reserved, sector = _unpack_header(first)
         else:
             kind, _reserved, sector = REQUEST_HEADER.unpack(
                 read_views(chain.readable, REQUEST_HEADER.size)
@@ -208,10 +222,31 @@ class BlkDevice:
             and sector + length // SECTOR <= self.capacity
         )
 
+    def injected_error(self, sector: int, count: int) -> bool:
+        """Whether sectors ``[sector, sector + count)`` touch a range of ``fail_sectors``."""
+        end = sector + count
+        return any(start < end and sector <= last for start, last in self.fail_sectors)
+
 
 class BlkRequest:
-    """One parsed virtio-blk request; :meth:`execute` never raises."""
+    """One parsed virtio-blk request; :meth:`execute` never raises.
 
+    The data and status views are the chain's own when the driver framed the header and
+    the status byte in buffers of their own (every driver does); else they are cut from
+    the chain's views, and those cuts are this request's to release. The chain's views
+    are the transport's (see :class:`~msixhub.devices.virtio.device.DeviceRequest`)."""
+
+    __slots__ = (
+        "_cuts",
+        "chain",
+        "device",
+        "in_data",
+        "in_len",
+        "kind",
+        "out_data",
+        "sector",
+        "status_view",
+    )
     blocking = True
 
     def __init__(self, device: BlkDevice, chain: Chain, kind: int, sector: int) -> None:
@@ -219,19 +254,22 @@ class BlkRequest:
         self.chain = chain
         self.kind = kind
         self.sector = sector
-        self.in_len = chain.write_len - 1
+        self.in_len = in_len = chain.write_len - 1
         readable, writable = chain.readable, chain.writable
-        # Drivers give the header and the status byte buffers of their own: take the chain's
-        # views as they are then, else cut them at the right bytes.
+        cuts: list[memoryview] = []
         if len(readable[0]) == REQUEST_HEADER.size:
             self.out_data = readable[1:]
         else:
             self.out_data = slice_views(readable, REQUEST_HEADER.size, chain.read_len)
+            cuts += self.out_data
         if len(writable[-1]) == 1:
             self.in_data, self.status_view = writable[:-1], writable[-1]
         else:
-            self.in_data = slice_views(writable, 0, self.in_len)
-            self.status_view = slice_views(writable, self.in_len, chain.write_len)[0]
+            self.in_data = slice_views(writable, 0, in_len)
+            self.status_view = slice_views(writable, in_len, chain.write_len)[0]
+            cuts += self.in_data
+            cuts.append(self.status_view)
+        self._cuts = cuts
 
     def execute(self) -> int:
         """Do the request, write the status byte; returns bytes written (data + status)."""
@@ -243,18 +281,25 @@ class BlkRequest:
 
     def execute_nowait(self) -> int | None:
         """A read whose data is all in the page cache, done now (see the module doc); None,
-        with nothing done that :meth:`execute` would not redo, for anything else."""
+        with nothing done that :meth:`execute` would not redo, for anything else.
+
+        Runs for every cached read, so the checks of :meth:`BlkDevice.range_ok` are inlined."""
         device = self.device
-        length = self.in_len
+        if self.kind != _IN or not device.nowait_reads:
+            return None
+        in_data, length, sector = self.in_data, self.in_len, self.sector
+        blk_size = device.blk_size
         if (
-            self.kind != BlkType.IN
-            or not device.nowait_reads
-            or len(self.in_data) > IOV_MAX
-            or not device.range_ok(self.sector, length)
+            len(in_data) > IOV_MAX
+            or length % blk_size
+            or (sector << 9) % blk_size
+            or sector + (length >> 9) > device.capacity
         ):
             return None
+        if device.fail_sectors and device.injected_error(sector, length >> 9):
+            return self._finish(BlkStatus.IOERR, 0)
         try:
-            done = os.preadv(device.fd, self.in_data, self.sector * SECTOR, os.RWF_NOWAIT)
+            done = os.preadv(device.fd, in_data, sector << 9, _RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError:
@@ -262,28 +307,34 @@ class BlkRequest:
             return None
         if done != length:
             return None  # partly cached: the worker thread reads it all again
-        return self._finish(BlkStatus.OK, length)
+        return self._finish(_OK, length)
 
-    def _finish(self, status: BlkStatus, written: int) -> int:
+    def _finish(self, status: int, written: int) -> int:
         try:
             self.status_view[0] = status
             return written + 1
         finally:
-            for view in [*self.out_data, *self.in_data, self.status_view]:
+            for view in self._cuts:
                 view.release()
 
     def _run(self) -> tuple[BlkStatus, int]:
         device = self.device
         match self.kind:
             case BlkType.IN:
-                length = sum(len(view) for view in self.in_data)
-                if not device.range_ok(self.sector, length):
+                length = self.in_len
+                if not device.range_ok(self.sector, length) or device.injected_error(
+                    self.sector, length // SECTOR
+                ):
                     return BlkStatus.IOERR, 0
                 done = _transfer(os.preadv, device.fd, self.in_data, self.sector * SECTOR)
                 return (BlkStatus.OK, length) if done == length else (BlkStatus.IOERR, 0)
             case BlkType.OUT:
-                length = sum(len(view) for view in self.out_data)
-                if device.read_only or not device.range_ok(self.sector, length):
+                length = sum(map(len, self.out_data))
+                if (
+                    device.read_only
+                    or not device.range_ok(self.sector, length)
+                    or device.injected_error(self.sector, length // SECTOR)
+                ):
                     return BlkStatus.IOERR, 0
                 done = _transfer(os.pwritev, device.fd, self.out_data, self.sector * SECTOR)
                 if done != length:
@@ -319,6 +370,8 @@ class BlkRequest:
                 return BlkStatus.UNSUPP  # 5.2.6.1: unknown flags, or unmap on a discard
             if count > limit or not device.range_ok(sector, count * SECTOR):
                 return BlkStatus.IOERR
+        if any(device.injected_error(sector, count) for sector, count, _flags in segments):
+            return BlkStatus.IOERR
         if zeroes:
             for sector, count, _flags in segments:
                 _write_zeroes(device.fd, sector * SECTOR, count * SECTOR)

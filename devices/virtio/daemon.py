@@ -266,11 +266,35 @@ class _QueueWorker:
 # --- msixhub spawn virtio-blk / virtio-rng --------------------------------------------------
 
 
+def sector_ranges(text: str) -> list[tuple[int, int]]:
+    """``START-END[,START-END...]`` (inclusive 512-byte sectors; ``N`` alone is ``N-N``)."""
+    ranges = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            start = int(first)
+            end = int(last) if dash else start
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not START-END") from None
+        if not 0 <= start <= end:
+            raise argparse.ArgumentTypeError(f"{part!r}: want 0 <= START <= END")
+        ranges.append((start, end))
+    return ranges
+
+
 def configure_blk(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="raw image file")
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--queue-size", type=int, default=256)
     parser.add_argument("--serial", default="msixhub")
+    parser.add_argument(
+        "--fail-sectors",
+        type=sector_ranges,
+        default=[],
+        metavar="START-END[,...]",
+        help="answer requests touching these sectors (inclusive) with IOERR, moving no data: "
+        "a guest's error paths, tested without root",
+    )
 
 
 async def serve_blk(args: argparse.Namespace) -> None:
@@ -282,6 +306,7 @@ async def serve_blk(args: argparse.Namespace) -> None:
             read_only=args.read_only,
             queue_size=args.queue_size,
             serial=args.serial.encode()[:20],
+            fail_sectors=args.fail_sectors,
         )
         await _serve(args, "virtio-blk", device)
 

@@ -124,6 +124,9 @@ class QueueInflight:
         self._u16 = u16  # the same bytes as 2- and 8-byte words, for single stores
         self._u64 = u64
         self._at = offset
+        self._entries = offset + _QUEUE_HEADER
+        self._last_batch_word = (offset + _LAST_BATCH_AT) // 2
+        self._used_word = (offset + _USED_AT) // 2
         self._max = max_size
         self._next_counter = 1
 
@@ -151,20 +154,22 @@ class QueueInflight:
         self._buf[self._at + _VALID_AT] = 0
 
     def _entry(self, head: int) -> int:
-        return self._at + _QUEUE_HEADER + _ENTRY.size * head
+        return self._entries + _ENTRY.size * head
+
+    # take/begin_put/end_put run once per request: offsets precomputed, one store per field.
 
     def take(self, head: int) -> None:
-        at = self._entry(head)
-        self._u64[at // 8] = self._next_counter
+        at = self._entries + (head << 4)  # _ENTRY.size == 16
+        self._u64[at >> 3] = self._next_counter
         self._buf[at + 8] = 1
         self._next_counter += 1
 
     def begin_put(self, head: int) -> None:
-        self._u16[(self._at + _LAST_BATCH_AT) // 2] = head
+        self._u16[self._last_batch_word] = head
 
     def end_put(self, head: int, new_used_idx: int) -> None:
-        self._buf[self._entry(head) + 8] = 0
-        self._u16[(self._at + _USED_AT) // 2] = new_used_idx
+        self._buf[self._entries + (head << 4) + 8] = 0
+        self._u16[self._used_word] = new_used_idx
 
     def in_flight(self) -> list[int]:
         """Flagged heads in the order they were taken."""
@@ -187,7 +192,7 @@ class QueueInflight:
         if guest_used_idx == (used + 1) & 0xFFFF:
             if last_batch < size:
                 self._buf[self._entry(last_batch) + 8] = 0
-            self._u16[(self._at + _USED_AT) // 2] = guest_used_idx
+            self._u16[self._used_word] = guest_used_idx
             used = guest_used_idx
         heads = self.in_flight()
         counters = [_ENTRY.unpack_from(self._buf, self._entry(h))[0] for h in heads]
