@@ -13,6 +13,7 @@ the model must accept them from the start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -251,5 +252,8 @@ async def run_device(socket_path: str, model: DeviceModel) -> None:
     """Serve ``model`` until the hub goes away (then return, so the daemon exits)."""
     async with open_device(socket_path, model) as (link, reply):
         log.info("%s registered%s", model.info.device, " (restarted)" if reply.restarted else "")
+        # What is alive now (interpreter, trio, the model) lives as long as the daemon: keep
+        # it out of the collector's full passes, which would otherwise stall the data path.
+        gc.freeze()
         await link.peer.closed.wait()
         log.warning("hub connection closed: %s", link.peer.close_reason)
