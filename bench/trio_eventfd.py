@@ -13,6 +13,7 @@ ceiling for notifications per second from a Python device.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -26,12 +27,15 @@ _PING = 1
 _STOP = 2  # any other count ends the child
 
 
-async def trio_pingpong(seconds: float) -> float:
-    """Seconds per round trip between this trio process and a trio child (about ``seconds``)."""
+async def trio_pingpong(seconds: float, child_cpu: int | None = None) -> float:
+    """Seconds per round trip between this trio process and a trio child (about ``seconds``).
+    The child runs on ``child_cpu`` if given, else wherever this process may run."""
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
     with eventfd() as ping, eventfd() as pong:
         command = [sys.executable, "-m", __name__, str(ping.fileno()), str(pong.fileno())]
+        if child_cpu is not None:
+            command.append(str(child_cpu))
         process = await trio.lowlevel.open_process(
             command, pass_fds=(ping.fileno(), pong.fileno()), stdin=subprocess.DEVNULL
         )
@@ -93,4 +97,6 @@ async def _child(ping: OwnedFd, pong: OwnedFd) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3:
+        os.sched_setaffinity(0, {int(sys.argv[3])})
     trio.run(_child, OwnedFd(int(sys.argv[1]), "ping"), OwnedFd(int(sys.argv[2]), "pong"))
