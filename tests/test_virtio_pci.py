@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 
 import pytest
 import trio
@@ -22,6 +22,7 @@ from msixhub.devices.virtio.constants import (
     Status,
     bit,
 )
+from msixhub.devices.virtio.inflight import DeviceStateRegion
 from msixhub.devices.virtio.pci import (
     BarAccessError,
     BarLayout,
@@ -242,6 +243,108 @@ async def test_accesses_while_a_write_waits_on_the_hub_are_refused() -> None:
                     await bare.write(CommonCfg.QUEUE_SELECT, 2, 0)
                 book.release.set()
         assert bare.read(CommonCfg.CONFIG_MSIX_VECTOR, 2) == 1
+
+
+class Killed(BaseException):
+    """The daemon dies at this point (nothing after it runs but ``finally`` blocks)."""
+
+
+class KilledAfter(VectorBook):
+    """A hub that applies the ``nth`` call (1-based) and then the daemon dies: the call's
+    reply never arrives (``before``: the daemon dies before the hub sees the call)."""
+
+    def __init__(self, nth: int, *, before: bool = False) -> None:
+        super().__init__()
+        self.nth, self.before = nth, before
+
+    async def _maybe_die(self, call: Coroutine[None, None, None]) -> None:
+        dies = len(self.calls) + 1 == self.nth
+        if dies:
+            self.nth = 0  # once
+        if dies and self.before:
+            call.close()
+            raise Killed
+        await call
+        if dies:
+            raise Killed
+
+    async def use(self, vector: int) -> None:
+        await self._maybe_die(super().use(vector))
+
+    async def unuse(self, vector: int) -> None:
+        await self._maybe_die(super().unuse(vector))
+
+
+def _restarted(memory: GuestMemory, region: bytearray, book: VectorBook) -> VirtioPciTransport:
+    """A new transport over the saved registers, as a restarted daemon builds it."""
+    state = DeviceStateRegion(region, RngDevice.num_queues, RngDevice().max_queue_size)
+    return VirtioPciTransport(
+        RngDevice(), memory, vectors=book, interrupts=Sink(), runner=Runner(), state=state
+    )
+
+
+@pytest.mark.parametrize(
+    ("nth", "before", "leaked"),
+    [
+        (3, True, {1: 1}),  # the hub never saw the unuse of the old vector
+        (3, False, {}),  # the unuse was applied, its reply lost: nothing leaked
+        (4, False, {0: 1}),  # the use of the new vector was applied, its reply lost
+    ],
+)
+async def test_a_kill_inside_a_vector_write_is_reconciled_with_the_hub(
+    nth: int, before: bool, leaked: dict[int, int]
+) -> None:
+    region = bytearray(DeviceStateRegion.size_for(1, RngDevice().max_queue_size))
+    book = KilledAfter(nth, before=before)
+    with memfd(1 << 20, "pci-test") as fd, GuestMemory.from_memfd(fd, 1 << 20) as memory:
+        first = _restarted(memory, region, book)
+        await first.write(L.common + CommonCfg.DEVICE_STATUS, 1, Status.ACKNOWLEDGE)
+        await first.write(L.common + CommonCfg.CONFIG_MSIX_VECTOR, 2, 0)
+        await first.write(L.common + CommonCfg.QUEUE_MSIX_VECTOR, 2, 1)
+        with pytest.raises(Killed):  # queue 0: vector 1 -> 0 (unuse 1, use 0)
+            await first.write(L.common + CommonCfg.QUEUE_MSIX_VECTOR, 2, 0)
+        second = _restarted(memory, region, book)
+        assert second.vector_uses() == {0: 1}  # the queue's register was saved as NO_VECTOR
+        assert book.uses - second.vector_uses() == leaked
+        await second.reconcile_vectors(dict(book.uses))
+        assert book.uses == second.vector_uses() == {0: 1}
+        await second.write(L.common + CommonCfg.QUEUE_MSIX_VECTOR, 2, 1)
+        assert book.uses == second.vector_uses() == {0: 1, 1: 1}
+
+
+async def test_a_kill_inside_a_reset_is_reconciled_with_the_hub() -> None:
+    region = bytearray(DeviceStateRegion.size_for(1, RngDevice().max_queue_size))
+    book = KilledAfter(3)  # use 0, use 1, then the reset's first unuse
+    with memfd(1 << 20, "pci-test") as fd, GuestMemory.from_memfd(fd, 1 << 20) as memory:
+        first = _restarted(memory, region, book)
+        await first.write(L.common + CommonCfg.DEVICE_STATUS, 1, Status.ACKNOWLEDGE)
+        await first.write(L.common + CommonCfg.CONFIG_MSIX_VECTOR, 2, 0)
+        await first.write(L.common + CommonCfg.QUEUE_MSIX_VECTOR, 2, 1)
+        with pytest.raises(Killed):
+            await first.write(L.common + CommonCfg.DEVICE_STATUS, 1, 0)
+        second = _restarted(memory, region, book)
+        assert second.vector_uses() == {} and sum(book.uses.values()) == 1
+        await second.reconcile_vectors(dict(book.uses))
+        assert book.uses == {}
+
+
+async def test_reconcile_uses_what_the_hub_lacks_and_clears_what_it_refuses() -> None:
+    with memfd(1 << 20, "pci-test") as fd, GuestMemory.from_memfd(fd, 1 << 20) as memory:
+        bare = Bare(memory, VectorBook(table_size=8, budget=2))
+        await bare.write(CommonCfg.CONFIG_MSIX_VECTOR, 2, 0)
+        await bare.write(CommonCfg.QUEUE_MSIX_VECTOR, 2, 1)
+        book = bare.vectors
+        book.uses.clear()  # the hub lost both references...
+        book.uses[5] = 1  # ...and holds one the registers do not
+        await bare.transport.reconcile_vectors({0: 0, 5: 1})
+        assert book.calls[-3:] == [("unuse", 5), ("use", 0), ("use", 1)]
+        assert book.uses == bare.transport.vector_uses() == {0: 1, 1: 1}
+        book.uses.clear()
+        book.budget = 1  # now the second one is refused: its register reads NO_VECTOR
+        await bare.transport.reconcile_vectors({})
+        assert book.uses == bare.transport.vector_uses() == {0: 1}
+        assert bare.read(CommonCfg.QUEUE_MSIX_VECTOR, 2) == NO
+        assert bare.read(CommonCfg.CONFIG_MSIX_VECTOR, 2) == 0
 
 
 async def test_isr_and_intx_level(bare: Bare) -> None:

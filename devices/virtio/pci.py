@@ -20,14 +20,19 @@ lock): a write may be suspended in a hub RPC, and an access that arrives meanwhi
 Vector bookkeeping across a crash: every register write is saved to the device-state
 region, and a vector register is saved as NO_VECTOR *before* ``unuse``/``use`` and as the
 new vector only after ``use`` succeeded. So the vectors the saved state holds are always a
-subset of those the hub has counted for the device; a restarted daemon reconciles by
-unusing ``hub's uses - vector_uses()``.
+subset of those the hub has counted for the device. A kill inside that window leaves the
+hub one reference too many (the old vector's if the hub never saw the ``unuse``, the new
+one's if ``use`` succeeded but its reply was lost), and a kill inside a reset leaves it
+every reference the reset was giving back. The hub keeps its counts across the restart,
+so a restarted daemon asks for them and calls :meth:`VirtioPciTransport.reconcile_vectors`
+before it serves register accesses.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -568,6 +573,38 @@ class VirtioPciTransport:
             except VectorRefused:
                 return
             self._set_vector(q, new)
+
+    async def reconcile_vectors(self, held: Mapping[int, int]) -> None:
+        """Make the hub's references for this device equal :meth:`vector_uses`, given
+        ``held``, the hub's count per vector (after a restart, see the module doc).
+
+        Surplus references are unused first (that frees their routes). A register whose
+        vector the hub does not count (the invariant rules it out, but the hub is the
+        authority) is used again, and reads NO_VECTOR if refused, as after a refused
+        write. Serialised with register accesses like :meth:`write`."""
+        self._check_idle()
+        self._busy = True
+        try:
+            wanted = self.vector_uses()
+            have = Counter({v: n for v, n in held.items() if n > 0})
+            for vector, surplus in (have - wanted).items():
+                for _ in range(surplus):
+                    await self._vectors.unuse(vector)
+            have &= wanted
+            for q in [None, *self._queues]:
+                vector = self._st.config_msix_vector if q is None else q.regs.msix_vector
+                if vector == VIRTIO_MSI_NO_VECTOR:
+                    continue
+                if have[vector]:
+                    have[vector] -= 1
+                    continue
+                try:
+                    await self._vectors.use(vector)
+                except VectorRefused:
+                    self._set_vector(q, VIRTIO_MSI_NO_VECTOR)
+        finally:
+            self._busy = False
+            self._save()
 
     def _set_vector(self, q: _Queue | None, vector: int) -> None:
         if q is None:
