@@ -2,12 +2,23 @@
 channels, and the memory tables; registers device daemons and VMM clients.
 
 Concurrency rules (each a reason, not a habit):
-* Control operations that change MSI-X or route state run under one lock, in request tasks,
-  so a handler may await the device's or the VMM's answer while holding it.
-* Notices (``notify``, ``set_intx``) and the hub's masked-vector readers never take the lock:
-  they run synchronously against the model. Route changes they cause are applied by the route
-  worker, which takes the lock. (A notice handler that waited for the lock could deadlock:
-  the lock holder may be waiting for a reply queued behind that very notice.)
+* The MSI-X model and the route table are synchronous and pure: a state change is atomic
+  because nothing is awaited in the middle of it. What needs serialising is the I/O that
+  follows, the messages the hub sends a device's daemon and its VMM (fds, memory tables),
+  which must reach each peer in the order the state changed. So each device has its own
+  lock, held by a control operation on that device (or by the application of its route
+  changes) while it tells that device's daemon and VMM. A peer that stops answering holds
+  only the locks of the devices it serves, each for at most TELL_TIMEOUT (then it is
+  disconnected): other devices and other VMMs go on. Before, one lock for the whole hub
+  stalled every VMM's MSI-X writes behind one hung peer.
+* A VMM's memory table has a lock of its own (two replacements must not interleave).
+  Lock order: a VMM's memory lock, then a device's; never two devices' locks at once.
+* Route changes drained from the table are queued per device, in order, and applied whole
+  (shielded) by whoever holds that device's lock: the operation that caused them, or a
+  background task for changes that fall to another device (a lazy eviction) or that come
+  from notices. Notices (``notify``, ``set_intx``) and the hub's masked-vector readers never
+  take a lock: they run synchronously against the model. (A notice handler that waited for a
+  lock could deadlock: the holder may be waiting for a reply queued behind that notice.)
 * Frames to a VMM that the hub originates (direct-path interrupts, INTx, device state) go
   through a bounded outbox; a VMM that lets it fill is disconnected rather than blocking us.
 """
@@ -87,6 +98,7 @@ class Vmm:
     regions: list[Region] = field(default_factory=list)
     memory: list[OwnedFd] = field(default_factory=list)
     devices: dict[str, Device] = field(default_factory=dict)
+    memory_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass(eq=False)
@@ -102,6 +114,10 @@ class Device:
     vmm: Vmm | None = None
     intx_level: bool = False
     registrations: int = 0
+    # Serialises what the hub tells this device's daemon and VMM (see the module doc).
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    route_changes: list[RouteChange] = field(default_factory=list)  # drained, not applied
+    route_work_scheduled: bool = False
 
     @property
     def id(self) -> str:
@@ -128,14 +144,10 @@ class Hub:
         self.devices: dict[str, Device] = {}
         self.vmms: dict[Peer, Vmm] = {}
         self._device_of: dict[Peer, Device] = {}
-        self.lock = trio.Lock()
-        self._route_work = trio.Event()
-        self._route_changes: list[RouteChange] = []  # drained from the table, not yet applied
         self.started = trio.current_time()
         self.ivshmem = IvshmemHost(self)
         # Told (device id, daemon pid) at every registration: the supervisor's health signal.
         self.on_registered: Callable[[str, int | None], None] | None = None
-        nursery.start_soon(self._route_worker)
 
     # --- connections -----------------------------------------------------------------------
 
@@ -242,25 +254,40 @@ class Hub:
             channels.stop_reading(vector)
         for delivery in transition.deliveries:
             self._deliver(device, delivery)
-        await self._apply_route_changes()
+        await self._apply_route_changes(device)
 
     # --- routes ----------------------------------------------------------------------------
 
-    def _wake_route_worker(self) -> None:
-        # The table hands changes over only by draining: keep them, in order, for the worker.
-        if changes := self.routes.drain_changes():
-            self._route_changes.extend(changes)
-            self._route_work.set()
+    def _wake_route_worker(self, holder: Device | None = None) -> None:
+        """Queue what the route table changed on its devices, and have each device's changes
+        applied in the background (under its lock) unless they are already on their way or
+        the caller holds that device's lock (``holder``: it applies them itself)."""
+        for device in self._collect_route_changes():
+            if device is not holder and not device.route_work_scheduled:
+                device.route_work_scheduled = True
+                self._nursery.start_soon(self._route_worker, device)
 
-    async def _route_worker(self) -> None:
-        while True:
-            await self._route_work.wait()
-            self._route_work = trio.Event()
-            async with self.lock:
-                await self._apply_route_changes()
+    def _collect_route_changes(self) -> set[Device]:
+        """The table hands changes over only by draining: keep them, in order, per device.
+        Returns the devices that got some."""
+        touched: set[Device] = set()
+        for change in self.routes.drain_changes():
+            device = self.devices.get(change.owner)
+            if device is not None:  # not ours (an ivshmem QEMU peer's): nothing to open
+                device.route_changes.append(change)
+                touched.add(device)
+        return touched
 
-    async def _apply_route_changes(self) -> None:
-        """Open or close the eventfd of every route acquired or released since the last call.
+    async def _route_worker(self, device: Device) -> None:
+        async with device.lock:
+            device.route_work_scheduled = False
+            await self._apply_route_changes(device)
+
+    async def _apply_route_changes(self, device: Device) -> None:
+        """Open or close the eventfd of every route of ``device`` acquired or released since
+        the last call (the caller holds ``device.lock``). Changes that fall to other devices
+        (a lazy eviction) are theirs to apply, in the background: a hung peer over there must
+        not hold this operation.
 
         Shielded: changes drained from the table must be applied whole. The request that
         caused them is cancelled when its peer goes away (a daemon killed in the middle of
@@ -269,14 +296,11 @@ class Hub:
         TELL_TIMEOUT, so the shield cannot hold us long."""
         with trio.CancelScope(shield=True):
             while True:
-                changes = self._route_changes + self.routes.drain_changes()
-                self._route_changes = []
+                self._wake_route_worker(holder=device)
+                changes, device.route_changes = device.route_changes, []
                 if not changes:
                     return
                 for change in changes:
-                    device = self.devices.get(change.owner)
-                    if device is None:
-                        continue
                     if change.acquired:
                         await self._open_channel(device, change.vector)
                     else:
@@ -314,17 +338,19 @@ class Hub:
         info = request.body.info  # type: ignore[attr-defined]
         _check_layout(info)
         _check_takes_fds(peer, "a device daemon")
-        async with self.lock:
+        if peer in self._device_of:
+            raise MessageError(ErrorCode.BAD_STATE, "this connection already registered a device")
+        device = self.devices.get(info.device)
+        restarted = device is not None
+        if device is None:
+            self.ivshmem.admit(info)
+            device = self._create_device(info)
+        async with device.lock:
             if peer in self._device_of:
                 raise MessageError(
                     ErrorCode.BAD_STATE, "this connection already registered a device"
                 )
-            device = self.devices.get(info.device)
-            restarted = device is not None
-            if device is None:
-                self.ivshmem.admit(info)
-                device = self._create_device(info)
-            elif device.peer is not None:
+            if device.peer is not None:
                 raise MessageError(
                     ErrorCode.CONFLICT, f"device {info.device!r} is already registered and running"
                 )
@@ -407,22 +433,22 @@ class Hub:
         device = self._device_for(peer)
         vector = request.body.vector  # type: ignore[attr-defined]
         self._check_vector(device, vector)
-        async with self.lock:
+        async with device.lock:
             try:
                 device.msix.use(vector)
             except NoRouteError as exc:
                 raise MessageError(ErrorCode.NO_ROUTE, str(exc)) from None
-            await self._apply_route_changes()
+            await self._apply_route_changes(device)
         return Empty()
 
     async def unuse(self, peer: Peer, request: Request) -> Message:
         device = self._device_for(peer)
         vector = request.body.vector  # type: ignore[attr-defined]
         self._check_vector(device, vector)
-        async with self.lock:
+        async with device.lock:
             device.channels.drain(vector)
             device.msix.unuse(vector)
-            await self._apply_route_changes()
+            await self._apply_route_changes(device)
         return Empty()
 
     async def deassert(self, peer: Peer, request: Request) -> Message:
@@ -452,16 +478,19 @@ class Hub:
         vmm = self._vmm_of(peer)
         device_id = request.body.device  # type: ignore[attr-defined]
         _check_takes_fds(peer, "a VMM that attaches devices")
-        async with self.lock:
-            device = self.devices.get(device_id)
-            if device is None:
-                raise MessageError(ErrorCode.NOT_FOUND, f"no device {device_id!r}")
+        device = self.devices.get(device_id)
+        if device is None:
+            raise MessageError(ErrorCode.NOT_FOUND, f"no device {device_id!r}")
+        async with device.lock:
             if device.vmm is not None:
                 owner = "this VMM" if device.vmm is vmm else f"VMM {device.vmm.name!r}"
                 raise MessageError(
                     ErrorCode.CONFLICT, f"device {device_id!r} is attached to {owner}"
                 )
+            if not vmm.peer.is_open:
+                raise MessageError(ErrorCode.BAD_STATE, f"VMM {vmm.name!r} is gone")
             await self.ivshmem.attach(device, vmm)  # ivshmem: join; BAR2 and doorbells to the VMM
+            # Ours before the memory table is read: a set_mem_table meanwhile tells us too.
             device.vmm = vmm
             vmm.devices[device_id] = device
             for vector, fd in sorted(device.channels.fds.items()):
@@ -474,41 +503,48 @@ class Hub:
 
     async def detach(self, peer: Peer, request: Request) -> Message:
         device = self._owned_device(peer, request.body.device)  # type: ignore[attr-defined]
-        async with self.lock:
-            await self._release(device)
+        await self._release(device, self._vmm_of(peer))
         return Empty()
 
-    async def _release(self, device: Device) -> None:
-        """The VMM lets go: mask the function (pending bits accumulate for the next VMM)."""
-        vmm = device.vmm
-        if vmm is not None:
-            vmm.devices.pop(device.id, None)
-        device.vmm = None
-        device.channels.drain_all()
-        transition = device.msix.write_control(device.msix.control | FUNCTION_MASK)
-        await self._apply_transition(device, transition)
-        await self._tell_device(device, SetMemTable([]))
-        await self.ivshmem.detached(device)
+    async def _release(self, device: Device, vmm: Vmm) -> None:
+        """``vmm`` lets go: mask the function (pending bits accumulate for the next VMM).
+
+        Shielded, like the route changes it makes: a VMM that vanishes during its detach
+        must not leave the device half released (its daemon holding that VMM's memory)."""
+        with trio.CancelScope(shield=True):
+            async with device.lock:
+                if device.vmm is not vmm:
+                    return  # released already (a detach and the VMM's departure)
+                vmm.devices.pop(device.id, None)
+                device.vmm = None
+                device.channels.drain_all()
+                transition = device.msix.write_control(device.msix.control | FUNCTION_MASK)
+                await self._apply_transition(device, transition)
+                await self._tell_device(device, SetMemTable([]))
+                await self.ivshmem.detached(device)
 
     async def _vmm_gone(self, vmm: Vmm) -> None:
         self.vmms.pop(vmm.peer, None)
         vmm.outbox.close()
-        async with self.lock:
+        async with trio.open_nursery() as nursery:  # one hung daemon must not hold the rest
             for device in list(vmm.devices.values()):
-                await self._release(device)
-        close_all(vmm.memory)
+                nursery.start_soon(self._release, device, vmm)
+        async with vmm.memory_lock:  # a set_mem_table of its own may still be telling
+            close_all(vmm.memory)
 
     async def set_mem_table(self, peer: Peer, request: Request) -> Message:
         vmm = self._vmm_of(peer)
         regions: list[Region] = request.body.regions  # type: ignore[attr-defined]
         _check_regions(regions, request.fds)
-        async with self.lock:
+        async with vmm.memory_lock:
             old = vmm.memory
             vmm.regions = list(regions)
             vmm.memory = [OwnedFd(fd.detach(), "guest-memory") for fd in request.fds]
             try:
-                for device in vmm.devices.values():
-                    await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
+                for device in list(vmm.devices.values()):
+                    async with device.lock:
+                        if device.vmm is vmm:  # not released meanwhile
+                            await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
             finally:  # the VMM may vanish meanwhile (we are cancelled): the old fds go anyway
                 close_all(old)
         return Empty()
@@ -535,7 +571,8 @@ class Hub:
         layout = device.info.msix
         if region == "table":
             offset = body.offset - layout.table_offset
-            async with self.lock:
+            async with device.lock:
+                self._owned_device(peer, body.device)  # still ours, now that we hold it
                 device.channels.drain(
                     offset // ENTRY_SIZE
                 )  # counts become pending before an unmask
@@ -565,7 +602,8 @@ class Hub:
     async def msix_control_write(self, peer: Peer, request: Request) -> Message:
         body: MsixControlWrite = request.body  # type: ignore[assignment]
         device = self._owned_device(peer, body.device)
-        async with self.lock:
+        async with device.lock:
+            self._owned_device(peer, body.device)  # still ours, now that we hold it
             was_enabled = device.msix.enabled
             device.channels.drain_all()
             await self._apply_transition(device, device.msix.write_control(body.value))
@@ -605,9 +643,9 @@ def _table_image(msix: MsixCapability) -> bytes:
 
 
 async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> None:
-    """Hand a peer an fd or a table while holding the hub's lock: a peer that does not answer
-    within TELL_TIMEOUT is hung, and is disconnected, so that it stalls the hub once, not
-    once per message (its departure releases what it held)."""
+    """Hand a peer an fd or a table while holding a device's lock: a peer that does not
+    answer within TELL_TIMEOUT is hung, and is disconnected, so that it stalls that device
+    once, not once per message (its departure releases what it held)."""
     try:
         await peer.call(body, [fd.fileno() for fd in fds], timeout=TELL_TIMEOUT)
     except trio.TooSlowError:

@@ -358,7 +358,7 @@ class IvshmemHost:
             )
 
     async def device_up(self, device: Device) -> None:
-        """The device's daemon registered (under the hub lock): join, or tell it its id."""
+        """The device's daemon registered (under the device's lock): join, or tell it its id."""
         if not device.info.shared_memory:
             return
         member = self._members.get(device.id) or self._new_member(device)
@@ -376,13 +376,13 @@ class IvshmemHost:
         member = self._members.get(device.id)
         if member is None or self._closed:
             return
-        async with self._hub.lock:
+        async with device.lock:
             # Unless it came back meanwhile (its re-registration may win the lock).
             if device.peer is None and member.vmm is None and member.peer_id is not None:
                 await self._leave(member)
 
     async def attach(self, device: Device, vmm: Vmm) -> None:
-        """Before ``vmm`` gets the device (under the hub lock): join if the device is not a
+        """Before ``vmm`` gets the device (under the device's lock): join if the device is not a
         member (this may refuse, and then nothing changed), then hand the VMM the region
         (BAR2) and an ioeventfd for every peer's vectors."""
         member = self._members.get(device.id)
@@ -394,7 +394,7 @@ class IvshmemHost:
         await self._sync_vmm(member)
 
     async def detached(self, device: Device) -> None:
-        """The VMM let the device go (under the hub lock): the pair ends, the peer leaves."""
+        """The VMM let the device go (under the device's lock): the pair ends, the peer leaves."""
         member = self._members.get(device.id)
         if member is None or self._closed:
             return
@@ -559,7 +559,7 @@ class IvshmemHost:
         finally:
             self._joining = None
         member.peer_id = join.peer_id
-        await self._hub._apply_route_changes()
+        await self._hub._apply_route_changes(device)
         member.domain.dispatch(join.notices)
         log.info(
             "device %s joined ivshmem %r as peer %d", device.id, member.domain.name, join.peer_id
@@ -571,7 +571,7 @@ class IvshmemHost:
         peer_id = member.peer_id
         assert peer_id is not None
         device.msix.unuse_all()  # withdraws pending rings and routes
-        await self._hub._apply_route_changes()
+        await self._hub._apply_route_changes(device)
         # Every fd of the peer is closed before anyone hears that it left.
         member.channels.retire()
         member.peer_id = None

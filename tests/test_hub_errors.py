@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,15 @@ from msixhub.devices.testdev import TestDevice
 from msixhub.protocol.connection import Request
 from msixhub.protocol.errors import ConnectionClosed, ErrorCode, RemoteError
 from msixhub.protocol.fds import OwnedFd, close_all, eventfd_write, memfd
-from msixhub.protocol.messages import Attach, Detach, MmioRead, MmioWrite, Region, SetMemTable
+from msixhub.protocol.messages import (
+    Attach,
+    Detach,
+    MmioRead,
+    MmioWrite,
+    Region,
+    RegisterDevice,
+    SetMemTable,
+)
 from msixhub.protocol.peer import Peer, connect_unix, open_peer
 from msixhub.protocol.schema import Message
 from msixhub.server.hub import TELL_TIMEOUT
@@ -33,6 +42,8 @@ from msixhub.testing.system import (
 )
 
 STALL_LIMIT = TELL_TIMEOUT + 3.0  # one timeout, and time to spare; not one per fd (4 here)
+UNHINDERED = 0.5  # well inside TELL_TIMEOUT: what a hung peer must not hold up
+Handler = Callable[[Peer, Request], Awaitable[Message]]
 
 
 async def expect_interrupts_still_flow(
@@ -228,45 +239,73 @@ async def test_access_outside_the_bars(tmp_path: Path) -> None:
         await expect_interrupts_still_flow(system)
 
 
-async def test_a_vmm_that_never_answers_stalls_the_hub_once(tmp_path: Path) -> None:
-    """The hub hands fds to a VMM while holding its lock; one that reads but never answers
-    is disconnected after one timeout, instead of stalling every other VMM once per fd."""
+def never_answer_until(asked: trio.Event) -> Handler:
+    async def never_answer(peer: Peer, request: Request) -> Message:
+        for fd in request.fds:
+            fd.close()
+        asked.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    return never_answer
+
+
+async def expect_mask_round_trips_unhindered(system: TestdevSystem) -> None:
+    """Another VMM's MSI-X writes on its own device, well inside the hub's TELL_TIMEOUT."""
+    with trio.fail_after(UNHINDERED):
+        await set_vector_mask(system.device, 0, True)
+        await set_vector_mask(system.device, 0, False)
+        await system.testdev.use(1)  # a device's control request: its own lock only
+
+
+@pytest.mark.parametrize("role", ["vmm", "device"])
+async def test_a_peer_that_never_answers_stalls_only_its_own_devices(
+    tmp_path: Path, role: str
+) -> None:
+    """The hub hands fds to a peer while holding the lock of the device concerned; one that
+    reads but never answers is disconnected after TELL_TIMEOUT, and meanwhile other devices
+    and other VMMs go on (before, one hub-wide lock stalled every VMM's writes for 2 s)."""
     async with (
         running_system(tmp_path, vectors=4) as system,
         device_process(system.hub, "testdev", "dev1", "--vectors", "4"),
     ):
-        await system.testdev.setup(range(2))
+        await system.testdev.setup(range(1))
         other = await system.vm.attach("dev1")
         await Testdev(other).setup(range(4))  # four routed vectors: four fds for the next VMM
         await system.vm.detach("dev1")
 
         asked = trio.Event()
-
-        async def never_answer(peer: Peer, request: Request) -> Message:
-            asked.set()
-            await trio.sleep_forever()
-            raise AssertionError("unreachable")
-
+        handler = never_answer_until(asked)
         transport = await connect_unix(system.hub.socket)
         async with (
-            open_peer(transport, "vmm", name="mute", on_request=never_answer) as mute,
+            open_peer(transport, role, name="mute", on_request=handler) as mute,  # type: ignore[arg-type]
             trio.open_nursery() as nursery,
         ):
 
-            async def attach_and_be_hung_up_on() -> None:
+            async def ask_and_be_hung_up_on() -> None:
                 with pytest.raises(ConnectionClosed):
-                    await mute.request(Attach("dev1"))
+                    if role == "vmm":
+                        await mute.request(Attach("dev1"))  # its SetIrqFd goes unanswered
+                    else:  # its SetKickFd goes unanswered
+                        await mute.request(RegisterDevice(TestDevice("mute0", 2, 1).info))
 
-            nursery.start_soon(attach_and_be_hung_up_on)
+            nursery.start_soon(ask_and_be_hung_up_on)
             with trio.fail_after(STALL_LIMIT):
-                await asked.wait()  # the hub holds its lock, waiting for the mute VMM
-                await set_vector_mask(system.device, 0, True)  # another VMM's write waits once
+                await asked.wait()  # the hub waits for the mute peer, holding dev1's lock
+            asked_at = trio.current_time()
+            await expect_mask_round_trips_unhindered(system)
+            with trio.fail_after(STALL_LIMIT):
                 await mute.closed.wait()  # the hub hung up on it
+            assert trio.current_time() - asked_at >= TELL_TIMEOUT - 0.1
 
-        report = await system.status.wait_for(lambda r: r["vmms"] == ["vm0"])
-        assert [d["vmm"] for d in report["devices"] if d["id"] == "dev1"] == [None]
+        if role == "vmm":
+            report = await system.status.wait_for(lambda r: r["vmms"] == ["vm0"])
+            assert [d["vmm"] for d in report["devices"] if d["id"] == "dev1"] == [None]
+        else:
+            report = await system.status.wait_for(
+                lambda r: [d["up"] for d in r["devices"] if d["id"] == "mute0"] == [False]
+            )
         await system.vm.attach("dev1")  # released, as any departed VMM's devices are
-        await set_vector_mask(system.device, 0, False)
         await expect_interrupts_still_flow(system)
 
 
