@@ -18,8 +18,10 @@ load or store each (see :mod:`msixhub.devices.virtio.ring`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import NamedTuple
 
 from msixhub.devices.guestmem import GuestMemory
 from msixhub.devices.virtio.constants import (
@@ -71,12 +73,17 @@ class GuestAllocator:
         return start
 
 
-@dataclass(frozen=True, slots=True)
-class Used:
-    """One harvested used-ring entry."""
+class Used(NamedTuple):
+    """One harvested used-ring entry (a named tuple: one is built per request)."""
 
     token: object
     length: int
+
+
+@cache
+def _table_struct(count: int) -> struct.Struct:
+    """``count`` descriptors packed in one call (an indirect table is written whole)."""
+    return struct.Struct("<" + "QIHH" * count)
 
 
 def ring_bytes(size: int, align: int) -> tuple[int, int, int]:
@@ -142,52 +149,63 @@ class DriverVirtqueue:
         token: object,
         *,
         use_indirect: bool | None = None,
+        publish: bool = True,
     ) -> int:
-        """Publish a chain: device-readable ``out`` buffers then device-writable ``in_``.
+        """Put a chain on the ring: device-readable ``out`` buffers then device-writable
+        ``in_``. ``token`` (not None) comes back from :meth:`get_used`; returns the head.
 
-        ``token`` (not None) comes back from :meth:`get_used`; returns the head.
-        """
+        ``publish=False`` leaves the avail idx where it is, so a batch of chains becomes
+        visible to the device with one store (:meth:`publish`, or :meth:`kick_prepare`)."""
         if token is None:
             raise ValueError("token must not be None")
-        buffers = [(addr, length, 0) for addr, length in out]
-        buffers += [(addr, length, VIRTQ_DESC_F_WRITE) for addr, length in in_]
-        if not buffers:
+        count = len(out) + len(in_)
+        if not count:
             raise ValueError("a chain needs at least one buffer")
         if use_indirect is None:
-            use_indirect = self.indirect and 1 < len(buffers) <= self.max_indirect
-        if use_indirect and (not self.indirect or len(buffers) > self.max_indirect):
-            raise ValueError(f"cannot put {len(buffers)} buffers in an indirect table")
-        needed = 1 if use_indirect else len(buffers)
+            use_indirect = self.indirect and 1 < count <= self.max_indirect
+        if use_indirect and (not self.indirect or count > self.max_indirect):
+            raise ValueError(f"cannot put {count} buffers in an indirect table")
+        needed = 1 if use_indirect else count
         if needed > self.num_free:
             raise QueueFull(f"{needed} descriptors wanted, {self.num_free} free")
         head = self._free_head
         if use_indirect:
             assert self._indirect is not None
             first = head * self.max_indirect
-            self._write_chain(
-                self._indirect, list(range(first, first + len(buffers))), buffers, first
-            )
+            fields: list[int] = []
+            for number, (addr, length) in enumerate(out, 1):
+                fields += (addr, length, VIRTQ_DESC_F_NEXT, number)
+            for number, (addr, length) in enumerate(in_, len(out) + 1):
+                fields += (addr, length, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, number)
+            fields[-2] &= ~VIRTQ_DESC_F_NEXT
+            fields[-1] = 0
+            _table_struct(count).pack_into(self._indirect, DESC.size * first, *fields)
             table = self._indirect_base + first * DESC.size
-            self._write_chain(
-                self._desc, [head], [(table, DESC.size * len(buffers), VIRTQ_DESC_F_INDIRECT)]
+            DESC.pack_into(
+                self._desc, DESC.size * head, table, DESC.size * count, VIRTQ_DESC_F_INDIRECT, 0
             )
+            self._free_head = self._next[head]
         else:
+            buffers = [(addr, length, 0) for addr, length in out]
+            buffers += [(addr, length, VIRTQ_DESC_F_WRITE) for addr, length in in_]
             positions = [head]
             for _ in buffers[1:]:
                 positions.append(self._next[positions[-1]])
             self._write_chain(self._desc, positions, buffers)
-        tail = head
-        for _ in range(needed - 1):
-            tail = self._next[tail]
-        self._free_head = self._next[tail]
+            self._free_head = self._next[positions[-1]]
         self.num_free -= needed
         self._chain_descs[head] = needed
         self._tokens[head] = token
         self._avail16[2 + self._avail_idx % self.size] = head
-        self._avail_idx = (self._avail_idx + 1) & 0xFFFF  # ring entry before idx (x86 TSO)
-        self._avail16[1] = self._avail_idx
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         self._num_added += 1
+        if publish:
+            self._avail16[1] = self._avail_idx  # ring entry before idx (x86 TSO)
         return head
+
+    def publish(self) -> None:
+        """Make every chain added so far visible to the device: one avail idx store."""
+        self._avail16[1] = self._avail_idx
 
     @staticmethod
     def _write_chain(
@@ -209,7 +227,9 @@ class DriverVirtqueue:
             DESC.pack_into(table, DESC.size * positions[number], addr, length, flags, next_index)
 
     def kick_prepare(self) -> bool:
-        """Whether the device wants a notification for what was added since the last call."""
+        """Publish what was added, and whether the device wants a notification for what was
+        added since the last call."""
+        self._avail16[1] = self._avail_idx
         full_barrier()
         old, new = (self._avail_idx - self._num_added) & 0xFFFF, self._avail_idx
         self._num_added = 0
@@ -222,9 +242,38 @@ class DriverVirtqueue:
     def get_used(self) -> Used | None:
         """The next used entry, or None. Validates what the device wrote."""
         used_idx: int = self._used16[1]
-        pending = (used_idx - self._last_used) & 0xFFFF
-        if not pending:
+        if used_idx == self._last_used:
             return None
+        used = self._take_used(used_idx)
+        if self.event_idx and not self._interrupts_off:
+            self._avail16[2 + self.size] = self._last_used  # used_event
+            full_barrier()  # the next used idx load must not pass that store (Linux: store_mb)
+        return used
+
+    def harvest(self, deliver: Callable[[object, int], None]) -> int:
+        """Hand every used entry waiting to ``deliver(token, length)``, as an interrupt
+        handler takes them; returns how many. The used event is written once for the batch,
+        then the used idx is read again (after a barrier), so an entry the device published
+        before it could see the new used event is taken too, never left without an
+        interrupt. Entries before one the device got wrong are delivered, then that one
+        raises :class:`DeviceMisbehaved`."""
+        taken = 0
+        while True:
+            used_idx: int = self._used16[1]
+            if used_idx == self._last_used:
+                return taken
+            while used_idx != self._last_used:
+                token, length = self._take_used(used_idx)
+                taken += 1
+                deliver(token, length)
+            if not self.event_idx or self._interrupts_off:
+                return taken
+            self._avail16[2 + self.size] = self._last_used  # used_event
+            full_barrier()
+
+    def _take_used(self, used_idx: int) -> Used:
+        """Take the entry at ``_last_used`` (the device says ``used_idx`` is past it)."""
+        pending = (used_idx - self._last_used) & 0xFFFF
         if pending > self.size:
             raise DeviceMisbehaved(f"used idx {used_idx} is {pending} past {self._last_used}")
         head, length = USED_ELEM.unpack_from(self._used, 4 + 8 * (self._last_used % self.size))
@@ -238,9 +287,6 @@ class DriverVirtqueue:
         self._free_head = head
         self.num_free += self._chain_descs[head]
         self._last_used = (self._last_used + 1) & 0xFFFF
-        if self.event_idx and not self._interrupts_off:
-            self._avail16[2 + self.size] = self._last_used  # used_event
-            full_barrier()  # the next used idx load must not pass that store (Linux: store_mb)
         return Used(token, length)
 
     def disable_interrupts(self) -> None:

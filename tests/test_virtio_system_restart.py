@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 from msixhub.client.virtio_driver import BlkDriver
-from msixhub.client.virtqueue import Buffer, Used
+from msixhub.client.virtqueue import Buffer
 from msixhub.devices.virtio.blk import SECTOR
 from msixhub.testing.processes import restart
 from msixhub.testing.virtio_system import BLK, VirtioSystem, virtio_system
@@ -56,21 +56,22 @@ async def io_across_a_crash(
 
     ring = driver.queues[0]
     harvested: Counter[object] = Counter()  # used entries seen, per request (its token)
-    get_used = ring.get_used
+    harvest = ring.harvest
 
-    def counting_get_used() -> Used | None:
-        used = get_used()
-        if used is not None:
-            harvested[used.token] += 1
-        return used
+    def counting_harvest(deliver: Callable[[object, int], None]) -> int:
+        def counting_deliver(token: object, length: int) -> None:
+            harvested[token] += 1
+            deliver(token, length)
 
-    ring.get_used = counting_get_used  # type: ignore[method-assign]
+        return harvest(counting_deliver)
+
+    ring.harvest = counting_harvest  # type: ignore[method-assign]
     added: list[object] = []  # every request's token, as the driver added it
     add = ring.add
 
-    def counting_add(out: list[Buffer], in_: list[Buffer], token: object) -> int:
+    def counting_add(out: list[Buffer], in_: list[Buffer], token: object, **options: bool) -> int:
         added.append(token)
-        return add(out, in_, token)
+        return add(out, in_, token, **options)
 
     ring.add = counting_add  # type: ignore[method-assign]
 
