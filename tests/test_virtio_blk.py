@@ -261,3 +261,38 @@ def test_device_rejects_bad_construction(image: int) -> None:
     ):
         with pytest.raises(ValueError):
             BlkDevice(image, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_batch_of_requests_costs_one_kick(image: int) -> None:
+    """``add`` queues without waiting; ``kick`` publishes the batch and notifies once; the
+    interrupt handler calls every request's callback with its used length."""
+    content = random.Random(9).randbytes(IMAGE)
+    os.pwrite(image, content, 0)
+    async with virtio_system(lambda: BlkDevice(image)) as system:
+        driver, memory = system.driver, system.memory
+        with trio.fail_after(10):
+            await BlkDriver(driver).start()
+            requests = 8
+            done: dict[int, int] = {}
+            all_done = trio.Event()
+            buffers = []
+            for number in range(requests):
+                header, data, status = (driver.allocator.alloc(size) for size in (16, SECTOR, 1))
+                memory.write(header, blk_module.REQUEST_HEADER.pack(BlkType.IN, 0, 3 * number))
+
+                def on_done(length: int, number: int = number) -> None:
+                    done[number] = length
+                    if len(done) == requests:
+                        all_done.set()
+
+                driver.add(0, [(header, 16)], [(data, SECTOR), (status, 1)], on_done)
+                buffers.append((data, status))
+            kicks = system.runner.kicks[0]
+            await driver.kick(0)
+            assert system.runner.kicks[0] == kicks + 1
+            await all_done.wait()
+            assert done == dict.fromkeys(range(requests), SECTOR + 1)
+            for number, (data, status) in enumerate(buffers):
+                assert memory.read(status, 1)[0] == BlkStatus.OK
+                start = 3 * number * SECTOR
+                assert memory.read(data, SECTOR) == content[start : start + SECTOR]
