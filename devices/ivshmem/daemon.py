@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import mmap
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -59,7 +58,7 @@ PCI_ID = 0x1AF4_1110
 MSIX_BAR_SIZE = 4096
 MSIX_PBA_OFFSET = 2048
 """As QEMU's ``msix_init_exclusive_bar`` lays out up to 64 vectors: table at 0, PBA at half."""
-_STATE = struct.Struct("<II")  # IntrMask, IntrStatus, in the in-flight region
+_STATE_SIZE = 8  # the in-flight region: IntrMask, IntrStatus, 32-bit words in host order
 NOT_A_MEMBER = 0xFFFF_FFFF
 
 
@@ -73,7 +72,7 @@ def device_info(device_id: str, name: str, size: int, vectors: int) -> DeviceInf
         msix=MsixLayout(bar=1, table_offset=0, pba_offset=MSIX_PBA_OFFSET),
         intx=True,
         pci_id=PCI_ID,
-        inflight_size=_STATE.size,
+        inflight_size=_STATE_SIZE,
         shared_memory=name,
         shared_size=size,
     )
@@ -89,7 +88,7 @@ class IvshmemDevice:
         self.peers: set[int] = set()  # the domain as the hub last told us, ourselves included
         self.registers = IvshmemRegisters(0, self._peer_vectors)
         self.hub: HubLink | None = None
-        self._state: mmap.mmap | None = None
+        self._state: memoryview | None = None  # the in-flight region as 32-bit words
         self._intx_level = False
 
     def _peer_vectors(self, peer_id: int) -> int:
@@ -108,9 +107,9 @@ class IvshmemDevice:
         if fd is None:
             return
         with fd:
-            self._state = mmap.mmap(fd.fileno(), _STATE.size)
+            self._state = memoryview(mmap.mmap(fd.fileno(), _STATE_SIZE)).cast("I")
         if restarted:
-            self.registers.intr_mask, self.registers.intr_status = _STATE.unpack_from(self._state)
+            self.registers.intr_mask, self.registers.intr_status = self._state.tolist()
 
     async def bar_read(self, bar: int, offset: int, size: int) -> int:
         self._check_bar(bar)
@@ -168,7 +167,11 @@ class IvshmemDevice:
     async def _registers_changed(self, *, force: bool = False) -> None:
         """Keep the registers where a restart finds them; drive INTx from them."""
         if self._state is not None:
-            _STATE.pack_into(self._state, 0, self.registers.intr_mask, self.registers.intr_status)
+            # One aligned 4-byte store per register, never struct.pack_into: that zeroes both
+            # words before it writes them, and a kill in between restores zeros (an INTx
+            # ring lost). This way a restart finds each register old or new, never 0.
+            self._state[0] = self.registers.intr_mask
+            self._state[1] = self.registers.intr_status
         level = self.registers.intx_asserted
         if (level != self._intx_level or force) and self.hub is not None:
             self._intx_level = level
