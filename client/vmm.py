@@ -334,21 +334,22 @@ class AttachedDevice:
     async def _read(self, vector: int, fd: OwnedFd, scope: trio.CancelScope) -> None:
         """The vector's reader while the VMM owns it: one wake-up and one read per interrupt.
 
-        ``scope.cancel_called`` is checked right before each wait, not only after it: a reader
-        stopped before it first ran (or while it waited for queue space) must not wait on the
-        fd, which the VMM (or a test) may be waiting on by then. The fd is closed only after
-        the scope is cancelled, so the checks also keep a closed, perhaps reused, fd number
-        from being read."""
-        queue, number = self.vm.queue, fd.fileno()
+        It checks that it is still the vector's reader right before each wait, not only
+        after it: a reader stopped before it first ran (or while it waited for queue space)
+        must not wait on the fd, which the VMM (or a test) may be waiting on by then. The fd
+        is closed only after its reader is stopped, so the checks also keep a closed, perhaps
+        reused, fd number from being read. (A dict lookup, not ``scope.cancel_called``,
+        which reads the clock: this runs once per interrupt.)"""
+        queue, readers, number = self.vm.queue, self._readers, fd.fileno()
         with scope:
             try:
                 while True:
                     if queue.full:
                         await queue.wait_for_space()
-                    if scope.cancel_called:
+                    if readers.get(vector) is not scope:
                         return
                     await trio.lowlevel.wait_readable(number)
-                    if scope.cancel_called:
+                    if readers.get(vector) is not scope:
                         return  # masked, or closing, while it woke
                     self._take(vector, eventfd_read(number))
             except trio.ClosedResourceError:
