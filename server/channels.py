@@ -4,9 +4,12 @@ vector that is effectively masked.
 
 The mask handoff of DESIGN.md lives here. While a vector is masked the hub reads its
 eventfd and turns every count into ``notify`` on the MSI-X model (so the pending bit is
-exact); while it is unmasked the VMM reads and the hub does not. ``stop_reading`` drains
-synchronously, so counts that arrived before an unmask become pending *before* the
-unmask is applied and are delivered by it exactly once.
+exact); while it is unmasked the VMM reads and the hub does not. The hub never writes
+these eventfds: what it delivers goes to the VMM by message (a count of its own would be
+read back by its reader at the next mask, as a new notification). The hub's owner drains a
+vector before a write that may unmask it, so counts that arrived before the unmask become
+pending first and are delivered by it exactly once; ``stop_reading`` drains again, and
+what arrived in between is delivered as the unmasked vector's (the model says so).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
-from msixhub.protocol.fds import OwnedFd, eventfd, eventfd_read, eventfd_write
+from msixhub.protocol.fds import OwnedFd, eventfd, eventfd_read
 
 CountSink = Callable[[int, int], None]  # (vector, count) -> None
 
@@ -95,7 +98,3 @@ class VectorChannels:
     def close_all(self) -> None:
         for vector in list(self.fds):
             self.close(vector)
-
-    def signal(self, vector: int) -> None:
-        """Write one notification into ``vector``'s channel (a pending bit delivered on unmask)."""
-        eventfd_write(self.fds[vector].fileno())

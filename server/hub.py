@@ -236,10 +236,12 @@ class Hub:
                 self._set_intx(device, True)
 
     def _deliver(self, device: Device, delivery: Delivery) -> None:
-        if delivery.route >= 0 and delivery.vector in device.channels.fds:
-            device.channels.signal(delivery.vector)  # the VMM reads it (after our ack)
-        else:
-            self._post(device.vmm, Irq(device.id, delivery.vector, delivery.address, delivery.data))
+        """A delivery the hub makes (a pending bit on unmask, a count it read from an unmasked
+        vector's eventfd, the direct path) goes to the VMM by message, never into the vector's
+        eventfd: the hub reads that eventfd again as soon as the vector is masked, and a count
+        of its own still there (the VMM's reader had not run) came back as a new notification,
+        pending and delivered again -- counted twice."""
+        self._post(device.vmm, Irq(device.id, delivery.vector, delivery.address, delivery.data))
 
     def _set_intx(self, device: Device, level: bool) -> None:
         if device.intx_level != level:
