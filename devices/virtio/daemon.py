@@ -45,7 +45,7 @@ log = logging.getLogger("msixhub.virtio")
 
 VIRTIO_BAR = 4
 MAX_IN_FLIGHT = 32
-BATCH = 32  # inline completions per interrupt at most, and between two yields to the loop
+BATCH = 16  # inline completions per interrupt at most, and between two yields to the loop
 
 
 class VirtioDaemon:
@@ -195,7 +195,10 @@ class _QueueWorker:
     ``BATCH`` requests (where the worker also lets other tasks run), and before it waits for
     a thread slot. So a completion waits at most one batch of inline requests (tens of
     microseconds) for its interrupt, and the driver, which harvests everything the used ring
-    holds per interrupt, takes one interrupt per batch instead of one per request.
+    holds per interrupt, takes one interrupt per batch instead of one per request. A batch
+    of half a deep queue lets the two sides overlap: the driver refills what it was given
+    while the device works through the rest, instead of each waiting for the other's whole
+    turn (measured at QD32 against 8 and 32, noisily: 16 was never worse).
     """
 
     def __init__(self, daemon: VirtioDaemon, index: int) -> None:
