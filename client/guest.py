@@ -9,17 +9,32 @@ handled where the VMM reads them, so the whole system can be driven without a re
 MSI-X is programmed the way an OS does it: each entry gets an x86 message (address
 0xFEE00000, data = 0x30 + vector), is unmasked, then MSI-X is enabled with the function unmasked.
 A write to the virtio notify area is a kick (the VMM's ioeventfd), never a hub round trip.
+
+While it is open the guest takes every event of the VMM's queue that is its own: its drivers'
+interrupts and INTx, and every device up/down (the hub sends one of each per daemon restart).
+Those are recorded (:attr:`Guest.daemon_up`, :attr:`Guest.comebacks`) and wake
+:meth:`Guest.wait_daemon_up`, never queued: in a long run nobody reads the queue, and a full
+queue stops the VMM's interrupt readers.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 from msixhub.client.virtio_driver import BlkDriver, RngDriver, VirtioPciDriver
 from msixhub.client.virtqueue import DeviceMisbehaved, GuestAllocator
-from msixhub.client.vmm import MSIX_ENABLE, AttachedDevice, Event, Interrupt, IntxEvent, VmmClient
+from msixhub.client.vmm import (
+    MSIX_ENABLE,
+    AttachedDevice,
+    DeviceEvent,
+    Event,
+    Interrupt,
+    IntxEvent,
+    VmmClient,
+)
 from msixhub.devices import guestmem
 from msixhub.devices.guestmem import GuestMemory
 from msixhub.devices.virtio.pci import BarLayout
@@ -73,9 +88,11 @@ class Guest:
         self.allocator = allocator
         self.drivers: dict[str, VirtioPciDriver] = {}
         self._nursery: trio.Nursery | None = None
-        self.misbehaviour: list[
-            str
-        ] = []  # a device that broke the ring contract (duplicate used id...)
+        # a device that broke the ring contract (duplicate used id...)
+        self.misbehaviour: list[str] = []
+        self.daemon_up: dict[str, bool] = {}  # the hub's last word on each device's daemon
+        self.comebacks: Counter[str] = Counter()  # "up" events: a daemon (re)registered
+        self._daemons_changed = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -126,9 +143,24 @@ class Guest:
         await rng.start()
         return rng
 
+    async def wait_daemon_up(self, device_id: str, *, comebacks: int = 0) -> None:
+        """Return once ``device_id``'s daemon is up and came back at least ``comebacks``
+        times while this guest was open (``comebacks[id] + 1``, taken before a kill, waits
+        for that restart). The caller bounds the wait."""
+        while not self.daemon_up.get(device_id, True) or self.comebacks[device_id] < comebacks:
+            await self._daemons_changed.wait()
+
     def _handle(self, event: Event) -> bool:
-        """Interrupts for our drivers are handled at once, in the reader that took them."""
-        driver = self.drivers.get(getattr(event, "device", ""))
+        """Interrupts for our drivers are handled at once, in the reader that took them;
+        device up/down events are recorded, whatever the device."""
+        if isinstance(event, DeviceEvent):
+            up = self.daemon_up[event.device] = event.state == "up"
+            if up:
+                self.comebacks[event.device] += 1
+            self._daemons_changed.set()
+            self._daemons_changed = trio.Event()
+            return True
+        driver = self.drivers.get(event.device)
         if driver is None:
             return False
         try:
@@ -139,5 +171,5 @@ class Guest:
             else:
                 return False
         except DeviceMisbehaved as exc:
-            self.misbehaviour.append(f"{event.device}: {exc}")  # type: ignore[union-attr]
+            self.misbehaviour.append(f"{event.device}: {exc}")
         return True
