@@ -367,24 +367,16 @@ class Connection:
             _, request_id, op, body = envelope
             if type(request_id) is not int or request_id <= 0:
                 raise ProtocolError(f"bad request id {request_id!r}")
-            spec = OPS.get(op) if type(op) is str else None
             try:
-                if spec is None or spec.oneway:
-                    raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown operation {op!r}")
-                message = spec.request.from_wire(body)
-                self._match_fds(op, "request", spec.expected_request_fds(message), fds)
+                message = self._incoming(op, body, fds, oneway=False)
             except MessageError as error:
                 close_all(fds)
                 return RejectedRequest(request_id, error)
             return Request(request_id, op, message, fds)
         if kind == NOTICE and size == 3:
             _, op, body = envelope
-            spec = OPS.get(op) if type(op) is str else None
             try:
-                if spec is None or not spec.oneway:
-                    raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown notice {op!r}")
-                message = spec.request.from_wire(body)
-                self._match_fds(op, "notice", spec.expected_request_fds(message), fds)
+                message = self._incoming(op, body, fds, oneway=True)
             except MessageError as error:
                 close_all(fds)
                 return RejectedNotice(str(op)[:MAX_REASON], error)
@@ -402,6 +394,18 @@ class Connection:
                     raise ProtocolError(f"error reply to unknown request id {request_id}")
             return ErrorReply(request_id, code[:MAX_REASON], text[:MAX_REASON])
         raise ProtocolError(f"unknown envelope kind {kind!r} of length {size}")
+
+    def _incoming(self, op: object, body: Any, fds: list[OwnedFd], *, oneway: bool) -> Message:
+        """The body of a request (or, ``oneway``, a notice) decoded as its operation's, with
+        the fds it needs; MessageError if not (the fds stay the caller's to close)."""
+        if type(op) is not str or (spec := OPS.get(op)) is None or spec.oneway is not oneway:
+            what = "notice" if oneway else "operation"
+            raise MessageError(ErrorCode.UNKNOWN_OP, f"unknown {what} {op!r}")
+        message = spec.request.from_wire(body)
+        self._match_fds(
+            op, "notice" if oneway else "request", spec.expected_request_fds(message), fds
+        )
+        return message
 
     def _drop_late(self, request_id: object, fds: list[OwnedFd]) -> bool:
         """Whether this answers a request we forgot; if so its fds are closed here."""

@@ -11,13 +11,14 @@ when the block ends, even if the test failed.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -170,6 +171,48 @@ async def device_process(
             with trio.CancelScope(shield=True):
                 await device.stop()
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def hub_with_device(
+    directory: Path,
+    kind: str,
+    device_id: str,
+    device_args: Sequence[str] = (),
+    *,
+    supervised: bool = False,
+    route_policy: str = "static",
+    route_budget: int = 4096,
+) -> AsyncIterator[tuple[HubProcess, ManagedProcess | None]]:
+    """A hub and one device daemon registered with it before the block starts.
+
+    ``supervised``: the hub spawns the daemon from a ``[[device]]`` entry of its config and
+    restarts it when it dies (the daemon given back is None); otherwise this process starts
+    it (``device_process``)."""
+    async with AsyncExitStack() as stack:
+        extra: tuple[str, ...] = ()
+        if supervised:
+            config = directory / "hub.toml"
+            config.write_text(
+                f"[[device]]\nkind = {json.dumps(kind)}\nid = {json.dumps(device_id)}\n"
+                f"args = {json.dumps(list(device_args))}\n"
+            )
+            extra = ("--config", str(config))
+        hub = await stack.enter_async_context(
+            hub_process(
+                directory, route_policy=route_policy, route_budget=route_budget, extra=extra
+            )
+        )
+        daemon = None
+        if supervised:
+            await hub.wait_for_line(
+                f"device {re.escape(device_id)} \\({re.escape(kind)}\\) registered"
+            )
+        else:
+            daemon = await stack.enter_async_context(
+                device_process(hub, kind, device_id, *device_args)
+            )
+        yield hub, daemon
 
 
 async def restart(device: ManagedProcess, nursery: trio.Nursery) -> None:

@@ -12,8 +12,6 @@ state is a loop of request round trips with a cap, never a sleep.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from msixhub.client.vmm import AttachedDevice, Event, Interrupt, VmmClient, conn
 from msixhub.devices.testdev import DEASSERT, INTX, NOTIFY, RESULT, SENT, UNUSE, USE
 from msixhub.protocol.messages import StatusQuery, StatusReport
 from msixhub.protocol.peer import Peer, connect_unix, open_peer
-from msixhub.testing.processes import HubProcess, ManagedProcess, device_process, hub_process
+from msixhub.testing.processes import HubProcess, ManagedProcess, hub_with_device
 
 EVENT_TIMEOUT = 5.0
 MAX_NOTIFY_COUNT = 0xFFFF  # NOTIFY's count field is 16 bits wide (vector | count << 16, in 4 bytes)
@@ -158,24 +156,17 @@ async def running_system(
     and restarts it when it dies; otherwise this process starts it (``device_process``)."""
     device_args = ["--vectors", str(vectors), "--queues", str(queues)]
     async with AsyncExitStack() as stack:
-        extra: tuple[str, ...] = ()
-        if supervised:
-            config = directory / "hub.toml"
-            config.write_text(
-                '[[device]]\nkind = "testdev"\n'
-                f"id = {json.dumps(device_id)}\nargs = {json.dumps(device_args)}\n"
+        hub, daemon = await stack.enter_async_context(
+            hub_with_device(
+                directory,
+                "testdev",
+                device_id,
+                device_args,
+                supervised=supervised,
+                route_policy=policy,
+                route_budget=budget,
             )
-            extra = ("--config", str(config))
-        hub = await stack.enter_async_context(
-            hub_process(directory, route_policy=policy, route_budget=budget, extra=extra)
         )
-        daemon = None
-        if supervised:
-            await hub.wait_for_line(f"device {re.escape(device_id)} \\(testdev\\) registered")
-        else:
-            daemon = await stack.enter_async_context(
-                device_process(hub, "testdev", device_id, *device_args)
-            )
         vm = await stack.enter_async_context(connect(hub.socket, name="vm0"))
         status = await stack.enter_async_context(hub_status(hub.socket))
         if memory:

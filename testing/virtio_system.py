@@ -13,7 +13,6 @@ pretend guest (``client/guest.py``) driving them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from msixhub.client.guest import Guest
 from msixhub.client.vmm import VmmClient, connect
-from msixhub.testing.processes import HubProcess, ManagedProcess, device_process, hub_process
+from msixhub.testing.processes import HubProcess, ManagedProcess, device_process, hub_with_device
 from msixhub.testing.system import HubStatus, hub_status
 
 BLK, RNG = "blk0", "rng0"
@@ -76,23 +75,17 @@ async def virtio_system(
             file.truncate(image_size)
     args = blk_args(image, read_only=read_only, queue_size=queue_size)
     async with AsyncExitStack() as stack:
-        extra: tuple[str, ...] = ()
-        if supervised:
-            config = directory / "hub.toml"
-            config.write_text(
-                f'[[device]]\nkind = "virtio-blk"\nid = "{BLK}"\nargs = {json.dumps(args)}\n'
+        hub, blk_daemon = await stack.enter_async_context(
+            hub_with_device(
+                directory,
+                "virtio-blk",
+                BLK,
+                args,
+                supervised=supervised,
+                route_policy=policy,
+                route_budget=budget,
             )
-            extra = ("--config", str(config))
-        hub = await stack.enter_async_context(
-            hub_process(directory, route_policy=policy, route_budget=budget, extra=extra)
         )
-        blk_daemon = None
-        if supervised:
-            await hub.wait_for_line(rf"device {BLK} \(virtio-blk\) registered")
-        else:
-            blk_daemon = await stack.enter_async_context(
-                device_process(hub, "virtio-blk", BLK, *args)
-            )
         if rng:
             await stack.enter_async_context(device_process(hub, "virtio-rng", RNG))
         vm = await stack.enter_async_context(connect(hub.socket, name="vm0"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from msixhub.devices.ivshmem.domain import IvshmemDomain, PeerJoined, PeerLeft
+from msixhub.devices.ivshmem.domain import IvshmemDomain, JoinResult, PeerJoined, PeerLeft
 from msixhub.devices.ivshmem.qemu_protocol import (
     NEED_DATA,
     ClientDecoder,
@@ -332,12 +332,20 @@ def drain(outbox: PeerOutbox) -> list[tuple[MessageKind, int]]:
     return sent
 
 
-def test_outbox_sends_greeting_then_announcements(domain: IvshmemDomain) -> None:
+def greeted_then_joined(domain: IvshmemDomain) -> tuple[int, JoinResult, PeerOutbox]:
+    """An outbox that greeted a new peer and then queued the join of another: the greeting's
+    length, the other peer, the outbox."""
     me = domain.join(Inbox())
     other = domain.join(Inbox())
     outbox = PeerOutbox(max_backlog=8)
-    outbox.greet(greeting(me, domain.shm))
+    welcome = greeting(me, domain.shm)
+    outbox.greet(welcome)
     outbox.announce(PeerJoined(other.peer_id, other.vectors))
+    return len(welcome), other, outbox
+
+
+def test_outbox_sends_greeting_then_announcements(domain: IvshmemDomain) -> None:
+    _, other, outbox = greeted_then_joined(domain)
     outbox.announce(PeerLeft(other.peer_id))
     assert drain(outbox) == [
         (MessageKind.VERSION, 0),
@@ -353,11 +361,7 @@ def test_outbox_sends_greeting_then_announcements(domain: IvshmemDomain) -> None
 
 
 def test_outbox_drops_a_join_whose_peer_left_and_its_departure(domain: IvshmemDomain) -> None:
-    me = domain.join(Inbox())
-    other = domain.join(Inbox())
-    outbox = PeerOutbox(max_backlog=8)
-    outbox.greet(greeting(me, domain.shm))
-    outbox.announce(PeerJoined(other.peer_id, other.vectors))
+    _, other, outbox = greeted_then_joined(domain)
     domain.leave(other.peer_id)  # closes the queued fds
     outbox.announce(PeerLeft(other.peer_id))
     kinds = [kind for kind, _ in drain(outbox)]
@@ -366,13 +370,8 @@ def test_outbox_drops_a_join_whose_peer_left_and_its_departure(domain: IvshmemDo
 
 
 def test_outbox_retracts_a_partly_sent_join(domain: IvshmemDomain) -> None:
-    me = domain.join(Inbox())
-    other = domain.join(Inbox())
-    outbox = PeerOutbox(max_backlog=8)
-    outbox.greet(greeting(me, domain.shm))
-    outbox.announce(PeerJoined(other.peer_id, other.vectors))
-    drain_count = len(greeting(me, domain.shm)) + 1
-    sent = [outbox.next_message() for _ in range(drain_count)]
+    greeting_length, other, outbox = greeted_then_joined(domain)
+    sent = [outbox.next_message() for _ in range(greeting_length + 1)]
     assert sent[-1] is not None and sent[-1].kind is MessageKind.PEER_VECTOR
     domain.leave(other.peer_id)
     outbox.announce(PeerLeft(other.peer_id))

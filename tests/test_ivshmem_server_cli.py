@@ -1,12 +1,12 @@
 """``msixhub ivshmem-server`` as a real process, joined by peers written from the spec alone.
 
-``SpecPeer`` knows nothing of msixhub: it follows docs/specs/ivshmem-spec.rst with a plain
-blocking socket and ``recvmsg`` (every wait bounded by the socket timeout or ``select``).
+``SpecPeer`` knows nothing of msixhub: it follows docs/specs/ivshmem-spec.rst
+(``ivshmem_harness.SpecPeerState``) with a plain blocking socket and ``recvmsg`` (every wait
+bounded by the socket timeout or ``select``).
 """
 
 from __future__ import annotations
 
-import array
 import mmap
 import os
 import queue
@@ -21,68 +21,37 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ivshmem_harness import SpecPeerState, decode_message, receive_part
 
 TIMEOUT = 10.0
 MSIXHUB = [sys.executable, "-m", "msixhub.client.cli"]
 
 
-class SpecPeer:
-    """An ivshmem client from the spec: 8-byte little-endian signed messages, fds by SCM_RIGHTS;
-    version 0, own id, -1 + shm fd, (peer id + fd) per vector of each peer, own id + fd per
-    vector; afterwards a peer id with an fd is a join, without one a departure."""
+class SpecPeer(SpecPeerState):
+    """A spec peer on a blocking socket (every wait bounded by its timeout or ``select``)."""
 
     def __init__(self, path: str, vectors: int) -> None:
+        super().__init__(vectors)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(TIMEOUT)
         self.sock.connect(path)
-        self.peers: dict[int, list[int]] = {}
-        self.own: list[int] = []
-        self.shm_fd = -1
-        version, fd = self.receive()
-        assert (version, fd) == (0, None)
-        self.id, fd = self.receive()
-        assert fd is None and 0 <= self.id <= 0xFFFF
-        minus_one, self.shm_fd = self.receive()  # type: ignore[assignment]
-        assert minus_one == -1 and self.shm_fd is not None
-        while len(self.own) < vectors:
+        while not self.greeted:
             self.handle(*self.receive())
 
     def receive(self) -> tuple[int, int | None]:
         data = b""
         fds: list[int] = []
         while len(data) < 8:
-            chunk, ancdata, _flags, _addr = self.sock.recvmsg(8 - len(data), socket.CMSG_SPACE(4))
-            if not chunk:
-                raise EOFError("server closed the connection")
-            data += chunk
-            for level, kind, payload in ancdata:
-                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                    fds.extend(array.array("i", payload[: len(payload) // 4 * 4]))
-        assert len(fds) <= 1
-        return int.from_bytes(data, "little", signed=True), fds[0] if fds else None
-
-    def handle(self, value: int, fd: int | None) -> None:
-        if fd is None:
-            for vector_fd in self.peers.pop(value):
-                os.close(vector_fd)
-        elif value == self.id:
-            self.own.append(fd)
-        else:
-            self.peers.setdefault(value, []).append(fd)
+            data += receive_part(self.sock, 8 - len(data), fds)
+        return decode_message(data, fds)
 
     def wait_for_join(self, peer_id: int, vectors: int) -> None:
         while len(self.peers.get(peer_id, ())) < vectors:
             self.handle(*self.receive())
 
     def wait_for_departure(self, peer_id: int) -> None:
-        while True:
-            value, fd = self.receive()
-            self.handle(value, fd)
-            if fd is None and value == peer_id:
-                return
-
-    def ring(self, peer_id: int, vector: int) -> None:
-        os.write(self.peers[peer_id][vector], (1).to_bytes(8, sys.byteorder))
+        while peer_id not in self.gone:
+            self.handle(*self.receive())
 
     def wait_rung(self, vector: int) -> int:
         fd = self.own[vector]
@@ -92,12 +61,7 @@ class SpecPeer:
 
     def close(self) -> None:
         self.sock.close()
-        for fd in [*self.own, *(fd for fds in self.peers.values() for fd in fds), self.shm_fd]:
-            if fd >= 0:
-                os.close(fd)
-        self.own.clear()
-        self.peers.clear()
-        self.shm_fd = -1
+        self.close_fds()
 
 
 class ServerProcess:
@@ -171,11 +135,11 @@ def test_spec_peers_share_memory_and_ring_each_other(server: ServerProcess, shm_
         assert (first.id, second.id) == (0, 1)
         first.wait_for_join(second.id, 2)
         assert list(second.peers) == [first.id] and len(second.peers[first.id]) == 2
-        size = os.fstat(first.shm_fd).st_size
+        size = os.fstat(first.shm).st_size
         assert size == 1 << 20 == os.stat(f"/dev/shm/{shm_name}").st_size
         with (
-            mmap.mmap(first.shm_fd, size) as one,
-            mmap.mmap(second.shm_fd, size) as two,
+            mmap.mmap(first.shm, size) as one,
+            mmap.mmap(second.shm, size) as two,
         ):
             one[size - 4 :] = b"ping"
             assert two[size - 4 :] == b"ping"
@@ -254,9 +218,9 @@ def test_file_backed_memory_in_a_directory(tmp_path: Path) -> None:
     try:
         peer = SpecPeer(server.socket_path, 1)
         try:
-            assert os.fstat(peer.shm_fd).st_size == 4 << 20  # rounded up to a power of two
-            assert os.fstat(peer.shm_fd).st_nlink == 0  # created in the directory, then unlinked
-            assert os.readlink(f"/proc/self/fd/{peer.shm_fd}").startswith(f"{tmp_path}/ivshmem.")
+            assert os.fstat(peer.shm).st_size == 4 << 20  # rounded up to a power of two
+            assert os.fstat(peer.shm).st_nlink == 0  # created in the directory, then unlinked
+            assert os.readlink(f"/proc/self/fd/{peer.shm}").startswith(f"{tmp_path}/ivshmem.")
         finally:
             peer.close()
     finally:
@@ -271,7 +235,7 @@ def test_existing_posix_shm_of_the_right_size_keeps_its_contents(
     try:
         peer = SpecPeer(server.socket_path, 1)
         try:
-            assert os.pread(peer.shm_fd, 4, 0) == b"kept"
+            assert os.pread(peer.shm, 4, 0) == b"kept"
         finally:
             peer.close()
     finally:
@@ -295,7 +259,7 @@ def test_daemon_mode_writes_the_pid_file_before_returning(tmp_path: Path, shm_na
     try:
         try:
             peer = SpecPeer(socket_path, 1)  # the defaults: 1 vector, 4M
-            assert os.fstat(peer.shm_fd).st_size == 4 << 20
+            assert os.fstat(peer.shm).st_size == 4 << 20
             peer.close()
         finally:
             signal.pidfd_send_signal(exited, signal.SIGTERM)
@@ -350,7 +314,7 @@ def test_vectors_parse_like_qemu(tmp_path: Path, shm_name: str) -> None:
     server = ServerProcess(["-M", shm_name, "-n", "0x3", "-l", "0x10000"], str(tmp_path / "s"))
     try:
         peer = SpecPeer(server.socket_path, 3)
-        assert len(peer.own) == 3 and os.fstat(peer.shm_fd).st_size == 0x10000
+        assert len(peer.own) == 3 and os.fstat(peer.shm).st_size == 0x10000
         peer.close()
     finally:
         assert server.stop() == 0
