@@ -26,8 +26,10 @@ Facts about QEMU 7.2's ivshmem-doorbell that the checks rely on (hw/misc/ivshmem
 The checks, for each server (``msixhub ivshmem-server`` with an msixhub-client peer that
 speaks QEMU's protocol, then ``msixhub serve --ivshmem-socket`` with an msixhub VMM attaching
 an ivshmem daemon): QEMU's handshake and peer id, shared memory both ways, doorbells both
-ways (MSI-X delivery, masking and the pending bit), two QEMUs ringing each other, and a
-SIGKILLed QEMU seen leaving with the server unharmed and its fd count back where it was.
+ways (MSI-X delivery, masking and the pending bit), two QEMUs ringing each other, an msixhub
+peer joining after QEMU, and SIGKILLed QEMUs seen leaving with the server unharmed and its
+fd count back where it was. Where QEMU gives no event (it drops a ring, writes an MSI-X
+message or sets a PBA bit silently), a bounded loop polls the state it leaves.
 """
 
 from __future__ import annotations
