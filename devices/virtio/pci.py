@@ -24,8 +24,9 @@ subset of those the hub has counted for the device. A kill inside that window le
 hub one reference too many (the old vector's if the hub never saw the ``unuse``, the new
 one's if ``use`` succeeded but its reply was lost), and a kill inside a reset leaves it
 every reference the reset was giving back. The hub keeps its counts across the restart,
-so a restarted daemon asks for them and calls :meth:`VirtioPciTransport.reconcile_vectors`
-before it serves register accesses.
+so a restarted daemon asks for them and calls :meth:`VirtioPciTransport.reconcile_vectors`,
+serialised with register accesses (a write that comes first changes both sides alike, so
+the surplus waits for it unchanged).
 """
 
 from __future__ import annotations
