@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"{QEMU_BINARY} is not on PATH: the interop checks need a real QEMU",
 )
 
-EXPECTED_CHECKS = 9
+EXPECTED_CHECKS = 10
 
 
 @pytest.mark.parametrize("mode", MODES)
