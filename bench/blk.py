@@ -2,13 +2,21 @@
 same file from one process.
 
 Ours: a hub and a virtio-blk daemon run as processes; this process is the VMM with a pretend
-guest (``client/guest.py``): the toolkit's driver puts each request on the split ring in guest
-RAM, kicks the queue's ioeventfd, the daemon pops it and ``preadv``s the image straight into
-guest RAM from a worker thread, completes it on the used ring and signals the queue's vector
-(one eventfd write, the hub off the path), the VMM's reader takes the interrupt and the driver
-harvests the used ring. The data stays in guest RAM, where a guest's page cache would keep it;
-the baseline's data stays in its buffer. Each slot (request header, data buffer, status byte)
-is preallocated in guest RAM, as a guest's block layer owns its pages.
+guest (``client/guest.py``): the toolkit's driver puts requests on the split ring in guest
+RAM (a batch with one avail idx store) and kicks the queue's ioeventfd if the device asks for
+it; the daemon pops them and ``preadv``s the image straight into guest RAM (inline with
+``RWF_NOWAIT`` when the page cache holds the data, else from a worker thread), completes them
+on the used ring and signals the queue's vector once per batch (one eventfd write, the hub
+off the path); the VMM's reader takes the interrupt, the driver's handler harvests every used
+entry, and one task puts each finished slot back with the next offset, as a guest's block
+layer keeps its queue full. The data stays in guest RAM, where a guest's page cache would
+keep it; the baseline's data stays in its buffer. Each slot (request header, data buffer,
+status byte) is preallocated in guest RAM, as a guest's block layer owns its pages.
+
+Floor: the device's code and the driver's code for the same 4 KiB QD32 reads, run in this
+process on one guest RAM with no IPC, no event loop and no scheduler between them (see
+``_floor``), each timed apart. They bound what any IPC design could reach in CPython here,
+and the report says whether 0.5x of the baseline is within that bound.
 
 Baseline: the same offsets read with ``os.preadv`` in a loop, in this process, into as many
 preallocated buffers (taken in turn) as ours has requests in flight, so both sides write the

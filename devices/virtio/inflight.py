@@ -65,6 +65,7 @@ _TRANSPORT = struct.Struct("<QHBBIIH")
 _QUEUE_REGS = struct.Struct("<QQQHHBB")  # stops before inflight_valid
 _INFLIGHT_HEAD = struct.Struct("<HHH10x")
 _ENTRY = struct.Struct("<QB7x")
+_ENTRY_SIZE = _ENTRY.size
 
 _TRANSPORT_AT = 16
 _QUEUES_AT = 48
@@ -154,13 +155,13 @@ class QueueInflight:
         self._buf[self._at + _VALID_AT] = 0
 
     def _entry(self, head: int) -> int:
-        return self._entries + _ENTRY.size * head
+        return self._entries + _ENTRY_SIZE * head
 
     # take/begin_put/end_put run once per request: offsets precomputed, one store per field.
 
     def take(self, head: int) -> None:
-        at = self._entries + (head << 4)  # _ENTRY.size == 16
-        self._u64[at >> 3] = self._next_counter
+        at = self._entries + _ENTRY_SIZE * head
+        self._u64[at // 8] = self._next_counter
         self._buf[at + 8] = 1
         self._next_counter += 1
 
@@ -168,7 +169,7 @@ class QueueInflight:
         self._u16[self._last_batch_word] = head
 
     def end_put(self, head: int, new_used_idx: int) -> None:
-        self._buf[self._entries + (head << 4) + 8] = 0
+        self._buf[self._entries + _ENTRY_SIZE * head + 8] = 0
         self._u16[self._used_word] = new_used_idx
 
     def in_flight(self) -> list[int]:
