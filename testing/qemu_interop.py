@@ -57,6 +57,7 @@ from msixhub.client.demo import Check
 from msixhub.client.vmm import Interrupt, PeerEvent, VmmClient, connect
 from msixhub.devices.ivshmem.daemon import PCI_ID
 from msixhub.devices.ivshmem.qemu_client import QemuPeer
+from msixhub.devices.ivshmem.qemu_protocol import PeerGone, ServerClosed
 from msixhub.devices.ivshmem.regs import Doorbell, IvshmemRegisters, Register
 from msixhub.testing.ivshmem import SHARED_MEMORY_BAR, IvshmemGuest
 from msixhub.testing.processes import (
@@ -76,6 +77,7 @@ CHECK_TIMEOUT = 20.0
 SCENARIO_TIMEOUT = 90.0
 FIRST_CONTACT_WAIT = 0.5
 QEMU_TIMEOUT = 10.0
+QEMU_INITIAL_PEERS = 16  # the peer table QEMU's device allocates before it grows it
 
 # Where this module puts the device in the guest's physical address space (q35's PCI hole;
 # BAR2 above 4 GiB so that its upper dword matters) and where MSI-X messages land (guest RAM).
@@ -433,6 +435,11 @@ class QemuProcess(ManagedProcess):
                 f"{self.name} exited (status {self.process.returncode}):\n{self.log_tail()}"
             ) from None
 
+    def complaints(self) -> list[str]:
+        """What QEMU printed besides its qtest log (an ``error_report`` of its ivshmem
+        device about a server message, say)."""
+        return [f"{self.name}: {line}" for line in self.lines if not line.startswith("[")]
+
     @property
     def ivshmem(self) -> QemuIvshmem:
         assert self.device is not None
@@ -491,12 +498,22 @@ class ProtocolPeer:
         self.client = client
         self.peer_id = client.peer_id
         self._map = region
+        self._left: set[int] = set()
 
     async def wait_for_peer(self, peer_id: int, joined: bool) -> None:
-        if joined:
-            await self.client.wait_for_peer(peer_id, VECTORS)
-        elif peer_id in self.client.peers:
-            await self.client.wait_for_departure(peer_id)
+        """Until ``peer_id`` has all its vectors here (``joined``) or has been announced gone."""
+
+        def done() -> bool:
+            if joined:
+                return len(self.client.peers.get(peer_id, ())) == VECTORS
+            return peer_id in self._left
+
+        while not done():
+            event = await self.client.next_event()
+            if isinstance(event, PeerGone):
+                self._left.add(event.peer_id)
+            elif isinstance(event, ServerClosed):
+                raise InteropError("the server closed the connection")
 
     def shm(self) -> mmap.mmap:
         return self._map
@@ -856,6 +873,10 @@ class Scenario:
             tails = "\n".join(f"--- {p.name} log:\n{p.log_tail(15)}" for p in logs)
             self.report.check(label, False, f"{_describe(exc)}\n{tails}")
             return None
+        complaints = [line for qemu in self.qemus for line in qemu.complaints()]
+        if complaints:
+            self.report.check(label, False, "QEMU reported: " + "; ".join(complaints))
+            return None
         self.report.check(label, True, str(result))
         for note in self.later_notes:
             self.report.note(note)
@@ -954,9 +975,15 @@ class Scenario:
 
     async def _two_qemus(self, nursery: trio.Nursery, first: JoinedQemu) -> str:
         """5. A second QEMU joins the same server; the two ring each other through the
-        eventfds the server passed between them."""
+        eventfds the server passed between them. Peers come and go before it, so that its
+        id is past the room QEMU A made at start (ids are never reused): A grows its table."""
+        churn = []
+        while len(churn) < QEMU_INITIAL_PEERS:
+            async with self.setup.late_peer() as transient:
+                churn.append(transient.peer_id)
+            await self.setup.peer.wait_for_peer(churn[-1], False)
         second = await self._join(nursery, "qemu-b")
-        expect(second.position != first.position, "two QEMUs with one id")
+        expect(second.position >= QEMU_INITIAL_PEERS, f"QEMU B's id {second.position} < 16")
         await _setup_msix(second.qemu, second.index)
         # QEMU processes the announcements in its main loop, which answers qtest too: once
         # the peer has heard of the join, a qtest round trip does not prove QEMU A has.
@@ -968,7 +995,10 @@ class Scenario:
         await _expect_msi(first.qemu, first.index, 0)
         await second.qemu.ivshmem.ring(first.position, 1)
         await _expect_msi(first.qemu, first.index, 1)
-        return f"{second.detail}; A ({first.position}) and B ({second.position}) rang each other"
+        return (
+            f"{len(churn)} peers came and went; {second.detail}; A ({first.position}) and"
+            f" B ({second.position}) rang each other"
+        )
 
     async def _late_peer(self, joined: JoinedQemu) -> str:
         """7. An msixhub peer that joins after QEMU (QEMU learns of it from announcements,
