@@ -828,6 +828,7 @@ class Scenario:
         self.report = report
         self.qemus: list[QemuProcess] = []
         self.later_notes: list[str] = []  # said after the check that found them
+        self.fds_before = -1  # the server's, before any QEMU came
 
     async def run(self) -> None:
         """The checks, in order, until one fails; every QEMU is killed at the end."""
