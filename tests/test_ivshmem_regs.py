@@ -111,27 +111,36 @@ def test_doorbell_encode_rejects_out_of_range() -> None:
         Doorbell(0, -1).encode()
 
 
-def test_narrow_reads_see_the_right_bytes() -> None:
+def test_a_narrow_read_at_a_register_sees_its_low_bytes() -> None:
     r = regs(0x1234)
     assert r.read(Register.IV_POSITION, 1) == 0x34
-    assert r.read(Register.IV_POSITION + 1, 1) == 0x12
+    assert r.read(Register.IV_POSITION, 2) == 0x1234
+
+
+def test_a_narrow_read_inside_a_register_is_zero_as_in_qemu() -> None:
+    r = regs(0x1234)
+    assert r.read(Register.IV_POSITION + 1, 1) == 0
     assert r.read(Register.IV_POSITION + 2, 2) == 0
 
 
-def test_narrow_status_read_clears_whole_register() -> None:
+def test_a_narrow_status_read_clears_the_whole_register_and_inside_it_nothing() -> None:
     r = regs()
     r.write(Register.INTR_STATUS, 0x0101)
-    assert r.read(Register.INTR_STATUS + 1, 1) == 0x01
+    assert r.read(Register.INTR_STATUS + 1, 1) == 0  # matches no register: no side effect
+    assert r.intr_status == 0x0101
+    assert r.read(Register.INTR_STATUS, 1) == 0x01
     assert r.read(Register.INTR_STATUS, 4) == 0
 
 
-def test_narrow_write_shifts_into_place_without_read_modify_write() -> None:
+def test_a_narrow_write_stores_its_value_unshifted_as_in_qemu() -> None:
     r = regs()
     r.write(Register.INTR_MASK, 0xFFFF_FFFF)
     r.write(Register.INTR_MASK + 1, 0xAB, 1)
-    assert r.intr_mask == 0xAB00
-    r.write(Register.DOORBELL + 2, 3, 2)  # peer id half of the doorbell: peer 3, vector 0
-    assert r.statistics().doorbells_rung == 1
+    assert r.intr_mask == 0xAB  # no read-modify-write, no shift
+    r.write(Register.INTR_MASK + 2, 0xBEEF, 2)
+    assert r.intr_mask == 0xBEEF
+    rung = r.write(Register.DOORBELL + 2, 1, 2)  # value 1 at any byte: peer 0, vector 1
+    assert rung == Doorbell(0, 1)
 
 
 def test_reserved_space_reads_zero_and_ignores_writes() -> None:

@@ -11,19 +11,27 @@ The layout is the one QEMU documents in docs/specs/ivshmem-spec.rst::
 
 BAR1 (MSI-X table and PBA) belongs to the hub and BAR2 is the shared memory; neither is here.
 
-Access rules follow QEMU's implementation of these registers: accesses of 1, 2 or 4 naturally
-aligned bytes; a narrower access reaches the whole 32-bit register (a narrow read of IntrStatus
-still clears all of it; a narrow write stores the value shifted into place and zeros in the other
-bytes, with no read-modify-write). Wider or unaligned accesses, or offsets outside the 256-byte
-BAR, are a ``RegisterAccessError`` and change nothing.
+Access rules are QEMU's (7.2, checked against a real QEMU by ``msixhub.testing.qemu_interop``):
+accesses of 1, 2 or 4 naturally aligned bytes. QEMU's device sees every access as one to a
+whole 32-bit register, at the offset the guest used and with the value unshifted, so: a
+narrow access at a register's first byte reads the register's low bytes (a read of IntrStatus
+of any width clears all of it); a narrow read that starts inside a register matches no
+register and returns 0, with no side effect; a narrow write stores its value, unshifted and
+zero-extended, into the register it falls in, with no read-modify-write. Wider or unaligned
+accesses, or offsets outside the 256-byte BAR, are a ``RegisterAccessError`` and change
+nothing (QEMU drops them).
 
 One difference from QEMU, on purpose: the Doorbell vector is bits 0..15 as the spec says (QEMU
 looks at bits 0..7 only, so its vector 0x100 rings vector 0; here it is a vector that does not
 exist). A doorbell to a peer or vector that does not exist is counted and ignored, never an error:
 the guest cannot know who is connected, and must not be able to hurt its own device by guessing.
 
-INTx: when our MSI-X is disabled a peer's ring sets IntrStatus to 1 (as QEMU does) instead of
-delivering a vector; the INTx line is the level ``intx_asserted``.
+INTx, the other difference: when our MSI-X is disabled a peer's ring sets IntrStatus to 1
+instead of delivering a vector, and the INTx line is the level ``intx_asserted``, as QEMU's
+ivshmem without MSI (``ivshmem-plain``'s registers, the legacy device with ``msi=off``) does.
+QEMU's ``ivshmem-doorbell`` always has MSI-X and drops a ring that arrives while the guest has
+it disabled; a guest that never enables MSI-X gets interrupts here, and no guest that does can
+tell the difference.
 """
 
 from __future__ import annotations
@@ -110,23 +118,22 @@ class IvshmemRegisters:
         return self.intr_status & self.intr_mask != 0
 
     def read(self, offset: int, size: int = 4) -> int:
-        shift = self._check(offset, size)
-        register = offset & ~3
-        if register == Register.INTR_MASK:
+        self._check(offset, size)
+        if offset == Register.INTR_MASK:
             value = self.intr_mask
-        elif register == Register.INTR_STATUS:
+        elif offset == Register.INTR_STATUS:
             value, self.intr_status = self.intr_status, 0
-        elif register == Register.IV_POSITION:
+        elif offset == Register.IV_POSITION:
             value = self.peer_id
-        else:  # Doorbell is write-only; the rest is reserved
+        else:  # inside a register, the write-only Doorbell, or reserved
             value = 0
-        return (value >> shift) & ((1 << (8 * size)) - 1)
+        return value & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, value: int, size: int = 4) -> Doorbell | None:
-        shift = self._check(offset, size)
+        self._check(offset, size)
         if not 0 <= value < 1 << (8 * size):
             raise RegisterAccessError(f"value {value:#x} does not fit in {size} bytes")
-        word = value << shift
+        word = value  # unshifted, whichever byte of the register the access starts at
         register = offset & ~3
         if register == Register.INTR_MASK:
             self.intr_mask = word
@@ -156,8 +163,8 @@ class IvshmemRegisters:
         return doorbell
 
     @staticmethod
-    def _check(offset: int, size: int) -> int:
-        """Validate an access; return the bit shift of its bytes inside the 32-bit register."""
+    def _check(offset: int, size: int) -> None:
+        """Refuse an access QEMU would drop."""
         if size not in ACCESS_SIZES:
             raise RegisterAccessError(f"BAR0 access of {size} bytes (1, 2 or 4 only)")
         if not 0 <= offset <= BAR0_SIZE - size:
@@ -166,4 +173,3 @@ class IvshmemRegisters:
             raise RegisterAccessError(
                 f"BAR0 access of {size} bytes at unaligned offset {offset:#x}"
             )
-        return 8 * (offset & 3)
