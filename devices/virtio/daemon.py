@@ -5,10 +5,11 @@
   MSI-X table and PBA (answered by the hub, never seen here).
 * Vectors: ``queue_msix_vector`` / ``config_msix_vector`` writes become ``use``/``unuse``
   in the hub; a refusal reads back ``0xffff``.
-* Queues: a kick wakes the queue's task, which pops requests and runs each one, completing
-  them in the used ring as they finish: at once if that cannot block (a read the page cache
-  holds, see ``BlkRequest.execute_nowait``), else in a worker thread, up to ``MAX_IN_FLIGHT``
-  per queue so a deep queue keeps the disk busy. Completions made at once interrupt the
+* Queues: a kick is served in the task that read it when the queue's task is idle, else it
+  wakes that task; either pops requests and runs each one, completing them in the used ring
+  as they finish: at once if that cannot block (a read the page cache holds, see
+  ``BlkRequest.execute_nowait``), else in a worker thread, up to ``MAX_IN_FLIGHT`` per queue
+  so a deep queue keeps the disk busy. Completions made at once interrupt the
   driver once per batch (and always before the task waits), as vhost signals once per
   batch of used buffers.
 * Crash recovery: the device-state region the hub keeps records each request taken and
@@ -134,7 +135,10 @@ class VirtioDaemon:
             await self.transport.write(offset, size, value)
 
     async def kicked(self, queue: int) -> None:
-        self.kick(queue)
+        """A kick, read by the hub link's reader task: the queue is served right there when
+        its worker is idle (one task switch less per kick), else the worker is woken."""
+        if 0 <= queue < len(self._queues):
+            self._queues[queue].serve_kick()
 
     # --- VectorResources, InterruptSink, QueueRunner (for the transport) -------------------
 
@@ -205,11 +209,44 @@ class _QueueWorker:
         self.daemon = daemon
         self.index = index
         self._wakeup = trio.Event()
+        self._idle = False  # True while the worker task waits for a wakeup with nothing held
+        self._handed: Request | None = None  # popped by serve_kick, for a worker thread
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._logged_error: str | None = None
 
     def wake(self) -> None:
+        self._idle = False
         self._wakeup.set()
+
+    def serve_kick(self) -> None:
+        """Serve a kick synchronously in the caller's task when the worker is idle: run up
+        to ``BATCH`` requests inline and signal them; a request that needs a thread, or a
+        longer stream, is left to the worker (woken). Nothing here awaits, so nothing popped
+        can be abandoned by a cancelled caller."""
+        if not self._idle:
+            self.wake()
+            return
+        transport = self.daemon.transport
+        assert transport is not None
+        index, pop, complete = self.index, transport.pop, transport.complete
+        served = 0
+        while served < BATCH:
+            request = pop(index)
+            if request is None:
+                break
+            work = request.work
+            written = work.execute_nowait() if work.blocking else work.execute()
+            if written is None:
+                self._handed = request
+                break
+            complete(request, written, notify=False)
+            served += 1
+        if served:
+            transport.notify_used(index)
+        if served == BATCH or self._handed is not None:
+            self.wake()
+        else:
+            self._log_stop(transport)
 
     async def run(self) -> None:
         transport = self.daemon.transport
@@ -218,8 +255,15 @@ class _QueueWorker:
         pop, complete, notify_used = transport.pop, transport.complete, transport.notify_used
         async with trio.open_nursery() as requests:
             while True:
+                self._idle = True
                 await self._wakeup.wait()
+                self._idle = False
                 self._wakeup = trio.Event()
+                handed, self._handed = self._handed, None
+                if handed is not None:  # serve_kick tried it inline already
+                    await self._slots.acquire()
+                    self.daemon._started()
+                    requests.start_soon(self._execute_in_thread, handed)
                 unsignalled = 0
                 while (request := pop(index)) is not None:
                     work = request.work
