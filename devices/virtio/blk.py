@@ -101,6 +101,7 @@ _IN = int(BlkType.IN)
 _OK = int(BlkStatus.OK)
 _RWF_NOWAIT = os.RWF_NOWAIT
 _unpack_header = REQUEST_HEADER.unpack_from
+_HEADER_SIZE = REQUEST_HEADER.size
 
 
 class BlkDevice:
@@ -192,12 +193,12 @@ class BlkDevice:
         """Every field is read-only without VIRTIO_BLK_F_CONFIG_WCE, which is not offered."""
 
     def parse(self, queue: int, chain: Chain) -> BlkRequest:
-        if chain.read_len < REQUEST_HEADER.size:
+        if chain.read_len < _HEADER_SIZE:
             raise VirtqueueError(f"blk request at head {chain.head} has no 16-byte header")
         if chain.write_len < 1:
             raise VirtqueueError(f"blk request at head {chain.head} has no status byte")
         first = chain.readable[0]
-        if len(first) >= REQUEST_HEADER.size:  # the header in one buffer, as drivers put it
+        if len(first) >= _HEADER_SIZE:  # the header in one buffer, as drivers put it
             kind, _reserved, sector = _unpack_header(first)
         else:
             kind, _reserved, sector = REQUEST_HEADER.unpack(
@@ -257,10 +258,10 @@ class BlkRequest:
         self.in_len = in_len = chain.write_len - 1
         readable, writable = chain.readable, chain.writable
         cuts: list[memoryview] = []
-        if len(readable[0]) == REQUEST_HEADER.size:
+        if len(readable[0]) == _HEADER_SIZE:
             self.out_data = readable[1:]
         else:
-            self.out_data = slice_views(readable, REQUEST_HEADER.size, chain.read_len)
+            self.out_data = slice_views(readable, _HEADER_SIZE, chain.read_len)
             cuts += self.out_data
         if len(writable[-1]) == 1:
             self.in_data, self.status_view = writable[:-1], writable[-1]

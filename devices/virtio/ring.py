@@ -353,8 +353,23 @@ class SplitVirtqueue:
                     raise VirtqueueError(f"descriptor index {index} outside a table of {entries}")
                 addr, length, flags, next_index = unpack_from(table, index << 4)
                 if flags & VIRTQ_DESC_F_INDIRECT:
-                    table, entries = self._enter_indirect(indirect_view, addr, length, flags)
-                    indirect_view = table
+                    if not self.indirect:
+                        raise VirtqueueError(
+                            "indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated"
+                        )
+                    if indirect_view is not None:
+                        raise VirtqueueError("indirect descriptor inside an indirect table")
+                    if flags & VIRTQ_DESC_F_NEXT:
+                        raise VirtqueueError("descriptor has both INDIRECT and NEXT")
+                    if length == 0 or length % 16:
+                        raise VirtqueueError(
+                            f"indirect table length {length} is not a multiple of 16"
+                        )
+                    try:
+                        indirect_view = table = self.memory.translate(addr, length)
+                    except GuestMemoryError as exc:
+                        raise VirtqueueError(f"indirect table outside guest memory: {exc}") from exc
+                    entries = length >> 4
                     index = 0
                     continue
                 count += 1
@@ -384,22 +399,6 @@ class SplitVirtqueue:
         finally:
             if indirect_view is not None:
                 indirect_view.release()
-
-    def _enter_indirect(
-        self, current: memoryview | None, addr: int, length: int, flags: int
-    ) -> tuple[memoryview, int]:
-        if not self.indirect:
-            raise VirtqueueError("indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
-        if current is not None:
-            raise VirtqueueError("indirect descriptor inside an indirect table")
-        if flags & VIRTQ_DESC_F_NEXT:
-            raise VirtqueueError("descriptor has both INDIRECT and NEXT")
-        if length == 0 or length % DESC.size:
-            raise VirtqueueError(f"indirect table length {length} is not a multiple of 16")
-        try:
-            return self.memory.translate(addr, length), length // DESC.size
-        except GuestMemoryError as exc:
-            raise VirtqueueError(f"indirect table outside guest memory: {exc}") from exc
 
     # -- used side ----------------------------------------------------------------------
 
