@@ -80,6 +80,10 @@ class Used(NamedTuple):
     length: int
 
 
+_DESC_BYTES = DESC.size
+_NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+
+
 @cache
 def _table_struct(count: int) -> struct.Struct:
     """``count`` descriptors packed in one call (an indirect table is written whole)."""
@@ -169,20 +173,27 @@ class DriverVirtqueue:
         if needed > self.num_free:
             raise QueueFull(f"{needed} descriptors wanted, {self.num_free} free")
         head = self._free_head
-        if use_indirect:
+        if use_indirect:  # every request of a block driver: kept lean
             assert self._indirect is not None
-            first = head * self.max_indirect
+            first = _DESC_BYTES * head * self.max_indirect  # the head's own table
             fields: list[int] = []
-            for number, (addr, length) in enumerate(out, 1):
+            number = 0
+            for addr, length in out:
+                number += 1
                 fields += (addr, length, VIRTQ_DESC_F_NEXT, number)
-            for number, (addr, length) in enumerate(in_, len(out) + 1):
-                fields += (addr, length, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, number)
+            for addr, length in in_:
+                number += 1
+                fields += (addr, length, _NEXT_WRITE, number)
             fields[-2] &= ~VIRTQ_DESC_F_NEXT
             fields[-1] = 0
-            _table_struct(count).pack_into(self._indirect, DESC.size * first, *fields)
-            table = self._indirect_base + first * DESC.size
+            _table_struct(count).pack_into(self._indirect, first, *fields)
             DESC.pack_into(
-                self._desc, DESC.size * head, table, DESC.size * count, VIRTQ_DESC_F_INDIRECT, 0
+                self._desc,
+                _DESC_BYTES * head,
+                self._indirect_base + first,
+                _DESC_BYTES * count,
+                VIRTQ_DESC_F_INDIRECT,
+                0,
             )
             self._free_head = self._next[head]
         else:
@@ -196,11 +207,12 @@ class DriverVirtqueue:
         self.num_free -= needed
         self._chain_descs[head] = needed
         self._tokens[head] = token
-        self._avail16[2 + self._avail_idx % self.size] = head
-        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        avail_idx = self._avail_idx
+        self._avail16[2 + avail_idx % self.size] = head
+        self._avail_idx = avail_idx = (avail_idx + 1) & 0xFFFF
         self._num_added += 1
         if publish:
-            self._avail16[1] = self._avail_idx  # ring entry before idx (x86 TSO)
+            self._avail16[1] = avail_idx  # ring entry before idx (x86 TSO)
         return head
 
     def publish(self) -> None:
