@@ -655,10 +655,12 @@ async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> 
             "%s did not answer %s in %g s: disconnecting it", who, type(body).__name__, TELL_TIMEOUT
         )
         await peer.aclose(f"did not answer {type(body).__name__} in time")
-    except (RemoteError, ConnectionClosed) as exc:
-        log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
-    except MessageError as exc:  # FdPassingUnsupported, too many fds: nothing was sent
+    except FdPassingUnsupported as exc:
+        # Nothing was sent (a peer on TCP); the caller goes on without it, as after a refusal.
         log.error("refused to send %s to %s: %s", type(body).__name__, who, exc)
+    except (RemoteError, ConnectionClosed, MessageError) as exc:
+        # MessageError: a reply that did not decode, or more fds than the peer takes.
+        log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
 
 
 def _check_takes_fds(peer: Peer, who: str) -> None:
