@@ -366,6 +366,8 @@ class Hub:
             self._device_of[peer] = device
             await self._push_device_state(device)
             await self.ivshmem.device_up(device)
+            if not peer.is_open:  # hung up, or on (a tell timed out): _device_gone follows
+                raise MessageError(ErrorCode.BAD_STATE, f"device {info.device!r} went away")
             device.up.set()
             self._post(device.vmm, DeviceState(device.id, "up"))
         log.info(

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 from msixhub.client.msix_guest import MSIX_ENABLE, set_vector_mask
 from msixhub.client.vmm import connect
-from msixhub.devices.testdev import NOTIFY, USE, msix_bar_layout
+from msixhub.devices.testdev import NOTIFY, USE, TestDevice, msix_bar_layout
 from msixhub.protocol.connection import Request
+from msixhub.protocol.errors import ConnectionClosed
 from msixhub.protocol.messages import (
     Attach,
     MmioWrite,
     MsixControlWrite,
+    RegisterDevice,
     SetIrqFd,
     StatusQuery,
 )
@@ -35,7 +38,7 @@ STALL_LIMIT = TELL_TIMEOUT + 3.0
 
 
 class MuteVmm:
-    """A VMM that answers the hub until ``mute()``, then reads on but never answers."""
+    """A peer that answers the hub until ``mute()``, then reads on but never answers."""
 
     def __init__(self) -> None:
         self.muted = False
@@ -105,3 +108,24 @@ async def test_an_eviction_does_not_wait_for_the_evicted_devices_hung_vmm(
         with trio.fail_after(STALL_LIMIT):
             while dev1.vmm is not None or dev1.channels.fds or set(dev0.channels.fds) != {0}:
                 await vm.peer.call(StatusQuery())  # a round trip: the hub gets to run
+
+
+async def test_a_daemon_hung_up_on_while_registering_is_not_reported_up(tmp_path: Path) -> None:
+    """The hub's state push to a new daemon times out and the hub hangs up: the registration
+    fails there, so neither the supervisor (``on_registered``) nor a VMM hears it came up."""
+    async with inprocess_hub(tmp_path / "hub.sock") as server:
+        hub = server.hub
+        registered: list[str] = []
+        hub.on_registered = lambda device, pid: registered.append(device)
+        mute = MuteVmm()  # its handler serves a daemon as well: mute from the start
+        mute.mute()
+        transport = await connect_unix(server.socket)
+        async with open_peer(transport, "device", name="mute0", on_request=mute.on_request) as peer:
+            with trio.fail_after(STALL_LIMIT), pytest.raises(ConnectionClosed):
+                await peer.request(RegisterDevice(TestDevice("mute0", 2, 1).info))
+        async with connect(server.socket, name="vm0") as vm:
+            with trio.fail_after(STALL_LIMIT):
+                while hub.devices["mute0"].peer is not None:
+                    await vm.peer.call(StatusQuery())  # a round trip: the hub gets to run
+        assert registered == []
+        assert not hub.devices["mute0"].up.is_set()
