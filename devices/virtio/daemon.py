@@ -47,6 +47,7 @@ log = logging.getLogger("msixhub.virtio")
 VIRTIO_BAR = 4
 MAX_IN_FLIGHT = 32
 BATCH = 16  # inline completions per interrupt at most, and between two yields to the loop
+SIGNAL_BYTES = 256 << 10  # and data completed per interrupt at most (large requests)
 
 
 class VirtioDaemon:
@@ -196,8 +197,9 @@ class _QueueWorker:
 
     Inline completions are published on the used ring as they finish and signalled once per
     batch (vhost's ``add_used_n`` then ``signal``): when the ring is found empty, every
-    ``BATCH`` requests (where the worker also lets other tasks run), and before it waits for
-    a thread slot. So a completion waits at most one batch of inline requests (tens of
+    ``BATCH`` requests (where the worker also lets other tasks run) or ``SIGNAL_BYTES`` of
+    data (so a large request, tens of microseconds of copying, is not held back for the
+    next ones), and before it waits for a thread slot. So a completion waits at most one batch of inline requests (tens of
     microseconds) for its interrupt, and the driver, which harvests everything the used ring
     holds per interrupt, takes one interrupt per batch instead of one per request. A batch
     of half a deep queue lets the two sides overlap: the driver refills what it was given
@@ -229,7 +231,7 @@ class _QueueWorker:
         transport = self.daemon.transport
         assert transport is not None
         index, pop, complete = self.index, transport.pop, transport.complete
-        served = 0
+        served = unsignalled_bytes = 0
         while served < BATCH:
             request = pop(index)
             if request is None:
@@ -241,6 +243,10 @@ class _QueueWorker:
                 break
             complete(request, written, notify=False)
             served += 1
+            unsignalled_bytes += written
+            if unsignalled_bytes >= SIGNAL_BYTES:
+                unsignalled_bytes = 0
+                transport.notify_used(index)
         if served:
             transport.notify_used(index)
         if served == BATCH or self._handed is not None:
@@ -264,15 +270,19 @@ class _QueueWorker:
                     await self._slots.acquire()
                     self.daemon._started()
                     requests.start_soon(self._execute_in_thread, handed)
-                unsignalled = 0
+                unsignalled = unsignalled_bytes = 0
                 while (request := pop(index)) is not None:
                     work = request.work
                     written = work.execute_nowait() if work.blocking else work.execute()
                     if written is not None:
                         complete(request, written, notify=False)
                         unsignalled += 1
+                        unsignalled_bytes += written
+                        if unsignalled_bytes >= SIGNAL_BYTES:
+                            unsignalled_bytes = 0
+                            notify_used(index)  # later ones find nothing new to signal
                         if unsignalled == BATCH:  # a long stream lets other tasks run
-                            unsignalled = 0
+                            unsignalled = unsignalled_bytes = 0
                             notify_used(index)
                             await trio.lowlevel.checkpoint()
                         continue
