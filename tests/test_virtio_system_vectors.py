@@ -111,11 +111,6 @@ async def reset_device(blk: BlkDriver) -> None:
     await blk.driver.reset()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the virtio daemon to call VirtioPciTransport.reconcile_vectors after a "
-    "restart (devices/virtio/daemon.py, not wired yet)",
-)
 @pytest.mark.parametrize(
     ("lost_reply", "interrupted", "after_restart"),
     [

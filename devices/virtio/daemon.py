@@ -40,7 +40,7 @@ from msixhub.devices.virtio.pci import (
 )
 from msixhub.devices.virtio.rng import RngDevice
 from msixhub.protocol.fds import OwnedFd, close_all
-from msixhub.protocol.messages import Bar, DeviceInfo, Region
+from msixhub.protocol.messages import Bar, DeviceInfo, Region, StatusQuery, StatusReport
 
 log = logging.getLogger("msixhub.virtio")
 
@@ -122,6 +122,23 @@ class VirtioDaemon:
             live = self.transport.live_queues()
             again = sum(self.transport.requeued(queue) for queue in live)
             log.info("resumed: live queues %s, %d requests taken before run again", live, again)
+            nursery.start_soon(self._reconcile_vectors)
+
+    async def _reconcile_vectors(self) -> None:
+        """A kill inside a vector write or a reset left the hub references that the saved
+        registers do not hold (see ``pci.py``): give them back, under the register lock."""
+        assert self.hub is not None and self.transport is not None
+        async with self._register_lock:
+            reply = await self.hub.peer.call(StatusQuery())
+            assert isinstance(reply, StatusReport)
+            (device,) = (d for d in reply.report["devices"] if d["id"] == self.info.device)
+            held = {row["vector"]: row["used"] for row in device["vectors"] if row["used"]}
+            registers = dict(self.transport.vector_uses())
+            await self.transport.reconcile_vectors(held)
+            if held != registers:
+                log.warning(
+                    "vector references reconciled: hub held %s, registers %s", held, registers
+                )
 
     async def bar_read(self, bar: int, offset: int, size: int) -> int:
         if bar != VIRTIO_BAR or self.transport is None:
