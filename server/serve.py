@@ -186,6 +186,7 @@ async def run_hub(
 ) -> None:
     """Serve until cancelled; then close every fd and remove the socket file."""
     listener = await bind_unix(config.socket)
+    listeners = [listener]
     tcp_listeners: list[trio.socket.SocketType] = []
     try:
         if config.tcp:
@@ -193,6 +194,7 @@ async def run_hub(
                 listener.socket
                 for listener in await trio.open_tcp_listeners(config.tcp[1], host=config.tcp[0])
             ]
+            listeners += tcp_listeners
         async with trio.open_nursery() as nursery:
             hub = Hub(RouteTable(config.route_policy, config.route_budget), nursery)
             server = HubServer(hub, allow_other_users=config.allow_other_users)
@@ -217,14 +219,27 @@ async def run_hub(
                 await trio.sleep_forever()
             finally:
                 nursery.cancel_scope.cancel()
+                # First, before the daemons are stopped (seconds, for one that ignores
+                # SIGTERM): no peer joins a hub that is going, and a hub killed meanwhile
+                # leaves no socket behind.
+                _stop_listening(config.socket, listeners)
                 with trio.CancelScope(shield=True):
                     await hub.aclose()
     finally:
+        _stop_listening(config.socket, listeners)
+
+
+def _stop_listening(path: str, listeners: list[trio.socket.SocketType]) -> None:
+    """Close the listeners and remove the socket file, once: the list is emptied, so a
+    second call cannot remove a socket another hub has bound at the same path since."""
+    if not listeners:
+        return
+    for listener in listeners:
         listener.close()
-        for tcp in tcp_listeners:
-            tcp.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config.socket)
+    listeners.clear()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    log.info("stopped listening on %s", path)
 
 
 async def _serve_until_signal(config: HubConfig) -> None:
