@@ -43,19 +43,29 @@ class Check:
 
 
 @dataclass(slots=True)
-class DemoReport:
-    checks: list[Check] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+class CheckList:
+    """Pass/fail checks, each printed as it is made: the report of the demo, of ``msixhub
+    chaos`` and of the QEMU interoperability check."""
+
+    checks: list[Check] = field(default_factory=list, kw_only=True)
 
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks)
 
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
     def check(self, name: str, passed: bool, detail: str) -> bool:
         self.checks.append(Check(name, passed, detail))
-        print(f"  [{'ok' if passed else 'FAIL'}] {name}: {detail}", flush=True)
+        self.say(f"  [{'ok' if passed else 'FAIL'}] {name}: {detail}")
         return passed
+
+
+@dataclass(slots=True)
+class DemoReport(CheckList):
+    facts: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 async def run_demo(report: DemoReport, seed: int) -> None:

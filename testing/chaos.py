@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import trio
-from msixhub.client.demo import Check
+from msixhub.client.demo import CheckList
 from msixhub.client.guest import Guest
 from msixhub.client.msix_guest import FUNCTION_MASK, MSIX_ENABLE, set_vector_mask
 from msixhub.client.virtio_driver import BlkDriver
@@ -236,17 +236,12 @@ def percent_change(start: int, end: int) -> float:
 
 
 @dataclass(slots=True)
-class ChaosReport:
+class ChaosReport(CheckList):
     seed: int
     seconds: float
     out: TextIO
-    checks: list[Check] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
     def command(self) -> str:
@@ -254,11 +249,6 @@ class ChaosReport:
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
-
-    def check(self, name: str, passed: bool, detail: str) -> bool:
-        self.checks.append(Check(name, passed, detail))
-        self.say(f"  [{'ok' if passed else 'FAIL'}] {name}: {detail}")
-        return passed
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import trio
-from msixhub.client.demo import Check
+from msixhub.client.demo import CheckList
 from msixhub.client.vmm import Interrupt, PeerEvent, VmmClient, connect
 from msixhub.devices.ivshmem.daemon import PCI_ID
 from msixhub.devices.ivshmem.qemu_client import QemuPeer
@@ -692,18 +692,8 @@ async def vmm_peer(hub_socket: str, device_id: str) -> AsyncIterator[VmmPeer]:
 # --- the checks -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class InteropReport:
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    def check(self, name: str, passed: bool, detail: str) -> bool:
-        self.checks.append(Check(name, passed, detail))
-        print(f"  [{'ok' if passed else 'FAIL'}] {name}: {detail}", flush=True)
-        return passed
+class InteropReport(CheckList):
+    """Every scenario's checks, in order."""
 
 
 async def _qemu_peer_ids(status: HubStatus) -> list[int]:
