@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from blk_harness import UNTOUCHED, cached_image, request
 from msixhub.client.guest import Guest
 from msixhub.client.vmm import connect
 from msixhub.devices.virtio.blk import (
-    REQUEST_HEADER,
     SECTOR,
     SEGMENT,
     BlkDevice,
@@ -27,38 +27,16 @@ from msixhub.devices.virtio.blk import (
 )
 from msixhub.devices.virtio.constants import bit
 from msixhub.devices.virtio.daemon import sector_ranges
-from msixhub.devices.virtio.ring import Chain
 from msixhub.testing.processes import hub_process
 
 IMAGE = 1 << 20
-UNTOUCHED = 0xEE
 FAILING = [(8, 15), (100, 100)]
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
-    content = random.Random(11).randbytes(IMAGE)
-    path = tmp_path / "disk.img"
-    path.write_bytes(content)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pread(fd, IMAGE, 0)  # cached: reads take the inline path first
-        yield fd, content
-    finally:
-        os.close(fd)
-
-
-def request(
-    device: BlkDevice, kind: int, sector: int, length: int, out: bytes = b""
-) -> tuple[object, bytearray]:
-    """A parsed request over a private "guest memory": header (+ data out), data in, status."""
-    memory = bytearray([UNTOUCHED]) * (16 + len(out) + length + 1)
-    memory[:16] = REQUEST_HEADER.pack(kind, 0, sector)
-    memory[16 : 16 + len(out)] = out
-    view = memoryview(memory)
-    readable = [view[: 16 + len(out)]]
-    writable = [view[16 + len(out) : -1], view[-1:]] if length else [view[-1:]]
-    return device.parse(0, Chain(0, readable, writable)), memory
+    with cached_image(tmp_path, IMAGE, seed=11) as opened:
+        yield opened
 
 
 def failing_device(fd: int) -> BlkDevice:

@@ -5,42 +5,20 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from msixhub.devices.virtio.blk import REQUEST_HEADER, SECTOR, BlkDevice, BlkStatus, BlkType
-from msixhub.devices.virtio.ring import Chain
+from blk_harness import UNTOUCHED, cached_image, request
+from msixhub.devices.virtio.blk import SECTOR, BlkDevice, BlkStatus, BlkType
 
 IMAGE = 1 << 20
-UNTOUCHED = 0xEE
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
-    content = random.Random(7).randbytes(IMAGE)
-    path = tmp_path / "disk.img"
-    path.write_bytes(content)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pread(fd, IMAGE, 0)  # into the page cache
-        yield fd, content
-    finally:
-        os.close(fd)
-
-
-def request(
-    device: BlkDevice, kind: int, sector: int, length: int, out: bytes = b""
-) -> tuple[object, bytearray]:
-    """A parsed request over a private "guest memory": header (+ data out), data in, status."""
-    memory = bytearray([UNTOUCHED]) * (16 + len(out) + length + 1)
-    memory[:16] = REQUEST_HEADER.pack(kind, 0, sector)
-    memory[16 : 16 + len(out)] = out
-    view = memoryview(memory)
-    readable = [view[: 16 + len(out)]]
-    writable = [view[16 + len(out) : -1], view[-1:]] if length else [view[-1:]]
-    return device.parse(0, Chain(0, readable, writable)), memory
+    with cached_image(tmp_path, IMAGE, seed=7) as opened:
+        yield opened
 
 
 def test_a_cached_read_is_served_inline(image: tuple[int, bytes]) -> None:
