@@ -10,10 +10,12 @@
 The client keeps the guest's view of each device's MSI-X table and Message Control and does
 its half of the mask handoff (DESIGN.md): when a write masks a vector it stops reading that
 vector's eventfd *before* forwarding the write; when a write unmasks it resumes reading only
-*after* the hub acknowledged (by then the hub has stopped reading and written any pending
-interrupt into the eventfd). A count read from an eventfd is never dropped: events wait in a
-bounded queue, and a reader whose queue is full stops reading, so further notifications
-coalesce in the eventfd instead of being lost.
+*after* the hub acknowledged (by then the hub has stopped reading and sent any pending
+interrupt as an ``Irq`` message, never through the eventfd). A count read from an eventfd is
+never dropped: events wait in a bounded queue, and a reader whose queue is full stops reading,
+so further notifications coalesce in the eventfd instead of being lost. Interrupts the hub
+sends (``Irq``) coalesce the same way in the hub while they wait to be sent: one carries
+``count`` notifications.
 """
 
 from __future__ import annotations
@@ -485,8 +487,8 @@ class VmmClient:
             device = self.devices.get(body.device)
             if device is not None:
                 device.interrupts[body.vector] += 1
-                device.notifications[body.vector] += 1
-            self.emit(Interrupt(body.device, body.vector, body.address, body.data))
+                device.notifications[body.vector] += body.count
+            self.emit(Interrupt(body.device, body.vector, body.address, body.data, body.count))
         elif isinstance(body, Intx):
             self.emit(IntxEvent(body.device, body.level))
         elif isinstance(body, DeviceState):

@@ -19,6 +19,7 @@ MAX_REGIONS = 32
 Vector = Annotated[int, Range(0, MAX_VECTORS - 1)]
 Queue = Annotated[int, Range(0, MAX_QUEUES - 1)]
 DeviceId = Annotated[str, MaxLen(64)]
+IrqCount = Annotated[int, Range(1, 0xFFFF_FFFF_FFFF_FFFE)]  # an eventfd counter's maximum
 BarIndex = Annotated[int, Range(0, 5)]
 AccessSize = Literal[1, 2, 4, 8]
 Role = Literal["device", "vmm", "admin"]
@@ -342,12 +343,15 @@ class SetBarMemory(Message):
 @notice("irq")
 @message
 class Irq(Message):
-    """Hub -> VMM: an interrupt on the direct path (no route), as an MSI message."""
+    """Hub -> VMM: an interrupt the hub delivers (the direct path, a pending vector on unmask),
+    as an MSI message. ``count`` notifications coalesced while it waited to be sent, as an
+    eventfd counter adds up the writes its reader has not read yet."""
 
     device: DeviceId
     vector: Vector
     address: U64
     data: U32
+    count: IrqCount = 1
 
 
 @notice("intx")

@@ -19,8 +19,11 @@ Concurrency rules (each a reason, not a habit):
   from notices. Notices (``notify``, ``set_intx``) and the hub's masked-vector readers never
   take a lock: they run synchronously against the model. (A notice handler that waited for a
   lock could deadlock: the holder may be waiting for a reply queued behind that notice.)
-* Frames to a VMM that the hub originates (direct-path interrupts, INTx, device state) go
-  through a bounded outbox; a VMM that lets it fill is disconnected rather than blocking us.
+* Frames to a VMM that the hub originates (interrupts it delivers, INTx, device state) go
+  through a bounded outbox (server/outbox.py) in which interrupts coalesce per vector while
+  they wait, as in an eventfd: a device that notifies faster than the VMM reads costs a
+  count, not a slot per notification. Only control notices can fill it; a VMM that lets it
+  fill is disconnected rather than blocking us.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from msixhub.server.msix import (
     Outcome,
     Transition,
 )
+from msixhub.server.outbox import CoalescedIrq, Outbox
 from msixhub.server.routes import NoRouteError, RouteChange, RouteTable
 from msixhub.server.status import build_report
 
@@ -94,7 +98,9 @@ TELL_TIMEOUT = 2.0  # how long a peer may take to answer a message the hub sends
 class Vmm:
     peer: Peer
     name: str
-    outbox: trio.MemorySendChannel[Message]
+    outbox: Outbox[tuple[Device, int]] = field(default_factory=lambda: Outbox(OUTBOX_SIZE))
+    outbox_ready: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    stopped_reading: bool = False  # its outbox filled: it is being disconnected
     regions: list[Region] = field(default_factory=list)
     memory: list[OwnedFd] = field(default_factory=list)
     devices: dict[str, Device] = field(default_factory=dict)
@@ -157,11 +163,10 @@ class Hub:
         peer.on_request = self._on_request
         peer.on_notice = self._on_notice
         if role == "vmm":
-            send, receive = trio.open_memory_channel[Message](OUTBOX_SIZE)
-            vmm = Vmm(peer, peer.peer_hello.name or peer.log.name, send)
+            vmm = Vmm(peer, peer.peer_hello.name or peer.log.name)
             self.vmms[peer] = vmm
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain_outbox, vmm, receive)
+                nursery.start_soon(self._drain_outbox, vmm)
                 try:
                     await peer.serve()
                 finally:
@@ -175,24 +180,36 @@ class Hub:
                 with trio.CancelScope(shield=True):
                     await self._device_gone(peer)
 
-    async def _drain_outbox(self, vmm: Vmm, receive: trio.MemoryReceiveChannel[Message]) -> None:
-        with receive:
-            async for message in receive:
-                try:
-                    await vmm.peer.notify(message)
-                except ConnectionClosed:
-                    return
+    async def _drain_outbox(self, vmm: Vmm) -> None:
+        """Send what the outbox holds, in order, until the connection closes. Each send is a
+        checkpoint: deliveries made meanwhile merge into the slots still queued."""
+        outbox = vmm.outbox
+        while True:
+            item = outbox.pop()
+            if item is None:
+                await vmm.outbox_ready.park()
+                continue
+            if isinstance(item, CoalescedIrq):
+                device, vector = item.key
+                item = _irq(device, vector, item.count)
+            try:
+                await vmm.peer.notify(item)
+            except ConnectionClosed:
+                return
 
     def _post(self, vmm: Vmm | None, message: Message) -> None:
-        if vmm is None or not vmm.peer.is_open:
+        if vmm is None or not vmm.peer.is_open or vmm.stopped_reading:
             return
-        try:
-            vmm.outbox.send_nowait(message)
-        except trio.WouldBlock:
-            log.warning("VMM %s is not reading its interrupts; disconnecting it", vmm.name)
-            self._nursery.start_soon(vmm.peer.aclose, "outbox full: VMM stopped reading")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        if vmm.outbox.post(message):
+            vmm.outbox_ready.unpark()
+        else:
+            self._stopped_reading(vmm)
+
+    def _stopped_reading(self, vmm: Vmm) -> None:
+        """Its outbox is full of control notices (interrupts take one slot per vector)."""
+        vmm.stopped_reading = True
+        log.warning("VMM %s is not reading its notices; disconnecting it", vmm.name)
+        self._nursery.start_soon(vmm.peer.aclose, "outbox full: VMM stopped reading")
 
     async def _on_request(
         self, peer: Peer, request: Request
@@ -240,8 +257,22 @@ class Hub:
         vector's eventfd, the direct path) goes to the VMM by message, never into the vector's
         eventfd: the hub reads that eventfd again as soon as the vector is masked, and a count
         of its own still there (the VMM's reader had not run) came back as a new notification,
-        pending and delivered again -- counted twice."""
-        self._post(device.vmm, Irq(device.id, delivery.vector, delivery.address, delivery.data))
+        pending and delivered again -- counted twice.
+
+        It waits in the VMM's outbox, merged with the deliveries to the same vector not yet
+        sent (one ``Irq`` with their count). Accounting: each stays counted ``delivered``
+        (the model counted it when it returned the Delivery), not ``coalesced``: it is handed
+        to the VMM, which accounts ``count`` notifications, as it does a count read from an
+        eventfd -- unlike a notification merged into a pending bit, which the VMM never sees.
+        So ``sent == delivered + coalesced + dropped + intx + cleared + pending`` holds as
+        before, and the VMM's sum of counts equals ``delivered`` once the outbox is sent."""
+        vmm = device.vmm
+        if vmm is None or not vmm.peer.is_open or vmm.stopped_reading:
+            return
+        if vmm.outbox.post_irq((device, delivery.vector)):
+            vmm.outbox_ready.unpark()
+        else:
+            self._stopped_reading(vmm)
 
     def _set_intx(self, device: Device, level: bool) -> None:
         if device.intx_level != level:
@@ -529,7 +560,6 @@ class Hub:
 
     async def _vmm_gone(self, vmm: Vmm) -> None:
         self.vmms.pop(vmm.peer, None)
-        vmm.outbox.close()
         async with trio.open_nursery() as nursery:  # one hung daemon must not hold the rest
             for device in list(vmm.devices.values()):
                 nursery.start_soon(self._release, device, vmm)
@@ -636,6 +666,18 @@ class Hub:
         for vmm in self.vmms.values():
             close_all(vmm.memory)
         self.ivshmem.close()
+
+
+def _irq(device: Device, vector: int, count: int) -> Irq:
+    """``count`` coalesced deliveries to ``vector``, with the address and data the table holds
+    *now*, not at the first delivery: an MSI-X function reads the entry when it sends the
+    message, and this is when it is sent. (A guest reprograms an entry masked, as the spec
+    requires; a message that waited meanwhile goes where the guest now says, as it would
+    have from the eventfd the VMM reads with its current routing.)"""
+    base = vector * ENTRY_SIZE
+    address = device.msix.table_read(base, 8)
+    data = device.msix.table_read(base + 8, 4)
+    return Irq(device.id, vector, address, data, count)
 
 
 def _table_image(msix: MsixCapability) -> bytes:

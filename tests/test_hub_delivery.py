@@ -164,9 +164,14 @@ async def test_direct_policy_delivers_by_message_through_the_hub(tmp_path: Path)
         await system.testdev.setup(range(2))
         await system.testdev.notify(0, 3)
         await system.testdev.notify(1)
-        interrupts = [await next_interrupt(system.vm) for _ in range(4)]
-        assert [(i.vector, i.count) for i in interrupts] == [(0, 1), (0, 1), (0, 1), (1, 1)]
-        assert [(i.address, i.data) for i in interrupts[-2:]] == [message_of(0), message_of(1)]
+        interrupts = [await next_interrupt(system.vm)]
+        while sum(i.count for i in interrupts) < 4:
+            interrupts.append(await next_interrupt(system.vm))
+        # Vector 0's three may coalesce while they wait in the hub (one Irq with a count).
+        *zeros, one = interrupts
+        assert {i.vector for i in zeros} == {0} and sum(i.count for i in zeros) == 3
+        assert (one.vector, one.count) == (1, 1)
+        assert [(i.address, i.data) for i in (zeros[-1], one)] == [message_of(0), message_of(1)]
         assert system.device.irq_fds == {}  # no eventfd: each one came as an Irq message
         routes = await system.status.routes()
         assert (routes["direct_deliveries"], routes["in_use"]) == (4, 0)

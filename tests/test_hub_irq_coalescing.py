@@ -1,0 +1,97 @@
+"""Interrupts the hub sends by message coalesce per vector while they wait, like an eventfd.
+
+Across real processes (hub, testdev daemon, this process as the VMM), policy ``direct``: the
+device notifies one vector far faster than the VMM reads -- the VMM stops reading its socket
+altogether for a while -- and the VMM is not disconnected (its outbox holds one Irq per
+vector, however many notifications it carries), and in the end it has accounted exactly
+every notification: ``sum(Interrupt.count) == device SENT == hub delivered``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+from msixhub.client.vmm import Interrupt
+from msixhub.protocol.connection import Notice
+from msixhub.protocol.peer import Peer
+from msixhub.testing.system import next_interrupt, running_system
+
+TOTAL = 200_000
+WHILE_STALLED = 20_000  # five times the outbox (4096): uncoalesced, it overflowed
+CHUNK = 20_000
+SETTLE_TIMEOUT = 60.0
+
+
+async def test_a_vmm_that_stops_reading_is_not_disconnected_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    async with running_system(tmp_path, policy="direct") as system:
+        try:
+            await system.testdev.setup([0])
+            vm = system.vm
+            # The VMM stops reading its socket: its notice handler holds the connection's
+            # only reader at the first notice until ``resume``.
+            stalled, resume = trio.Event(), trio.Event()
+            serve_notice = vm._on_notice
+
+            async def stalling_on_notice(peer: Peer, notice: Notice) -> None:
+                stalled.set()
+                await resume.wait()
+                await serve_notice(peer, notice)
+
+            vm._on_notice = stalling_on_notice  # type: ignore[method-assign]
+            counts = interrupts = 0
+            reached = trio.Event()
+
+            async def consume() -> None:
+                nonlocal counts, interrupts
+                while True:
+                    event = await vm.next_event()
+                    assert isinstance(event, Interrupt), event
+                    assert event.vector == 0
+                    counts += event.count
+                    interrupts += 1
+                    assert counts <= TOTAL  # never more
+                    if counts == TOTAL:
+                        reached.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                # The write's reply is stuck behind the stalled notice: it runs on its own.
+                nursery.start_soon(system.testdev.notify, 0, WHILE_STALLED)
+                with trio.fail_after(SETTLE_TIMEOUT):
+                    await stalled.wait()
+                report = await system.status.wait_for(
+                    lambda r: r["devices"][0]["vectors"][0]["delivered"] == WHILE_STALLED,
+                    timeout=SETTLE_TIMEOUT,
+                )
+                assert report["vmms"] == ["vm0"]  # still connected
+                resume.set()
+                sent = WHILE_STALLED
+                while sent < TOTAL:
+                    await system.testdev.notify(0, CHUNK)
+                    sent += CHUNK
+                assert await system.testdev.sent() == TOTAL
+                with trio.fail_after(SETTLE_TIMEOUT):
+                    await reached.wait()
+                nursery.cancel_scope.cancel()
+
+            row = await system.status.vector("dev0", 0)
+            assert (row["delivered"], row["pending"], row["coalesced"], row["dropped"]) == (
+                TOTAL,
+                False,
+                0,
+                0,
+            )
+            assert system.device.notifications[0] == TOTAL
+            assert system.device.interrupts[0] == interrupts < TOTAL  # they did coalesce
+            # Nothing else was on its way: one more notification arrives alone.
+            await system.testdev.notify(0)
+            interrupt = await next_interrupt(system.vm)
+            assert (interrupt.vector, interrupt.count) == (0, 1)
+            assert len(vm.queue) == 0
+            assert (await system.status.report())["vmms"] == ["vm0"]
+        except BaseException:
+            print(f"hub log, last lines:\n{system.hub.log_tail(80)}")
+            raise
