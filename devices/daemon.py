@@ -192,10 +192,12 @@ class HubLink:
         with scope:
             try:
                 while True:
-                    # Count left from before a restart is served at once: a kick is never lost.
+                    # A count left from before a restart makes the fd readable at once: a
+                    # kick is never lost. Read only when readable: the VMM can clear the fd's
+                    # O_NONBLOCK (the flag is the file's), and an empty read would then block.
+                    await trio.lowlevel.wait_readable(fd.fileno())
                     if eventfd_read(fd.fileno()):
                         await self.model.kicked(queue)
-                    await trio.lowlevel.wait_readable(fd.fileno())
             except trio.ClosedResourceError:
                 return
 

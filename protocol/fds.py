@@ -8,6 +8,7 @@ moves with ``detach()``. Linux primitives msixhub is built on: eventfd and memfd
 from __future__ import annotations
 
 import os
+import sys
 from types import TracebackType
 
 
@@ -97,5 +98,41 @@ def eventfd_read(fd: int) -> int:
         return 0
 
 
+def eventfd_read_nowait(fd: int) -> int:
+    """``eventfd_read`` that does not block even if O_NONBLOCK is gone from ``fd``.
+
+    The flag belongs to the open file, not to the fd, so any process holding a copy of an
+    eventfd (a device or a VMM the hub gave one) can clear it for every other holder. A
+    reader that must never block (the hub) reads with RWF_NOWAIT, which makes this one read
+    non-blocking whatever the flag says. On a kernel whose eventfds refuse RWF_NOWAIT it is
+    ``eventfd_read``, and a peer can make it block (see ``NOWAIT_READS``)."""
+    if not NOWAIT_READS:
+        return eventfd_read(fd)
+    counter = bytearray(8)
+    try:
+        os.preadv(fd, (counter,), -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    return int.from_bytes(counter, sys.byteorder)
+
+
 def eventfd_write(fd: int, value: int = 1) -> None:
     os.eventfd_write(fd, value)
+
+
+def _eventfds_take_rwf_nowait() -> bool:
+    """Whether this kernel's eventfds take RWF_NOWAIT reads (it lets a blocking one say
+    EAGAIN rather than wait)."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, on purpose
+    try:
+        os.preadv(fd, (bytearray(8),), -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False  # a read of an empty eventfd returned: cannot happen
+
+
+NOWAIT_READS = _eventfds_take_rwf_nowait()

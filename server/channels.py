@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
-from msixhub.protocol.fds import OwnedFd, eventfd, eventfd_read
+from msixhub.protocol.fds import OwnedFd, eventfd, eventfd_read_nowait
 
 CountSink = Callable[[int, int], None]  # (vector, count) -> None
 
@@ -78,7 +78,7 @@ class VectorChannels:
             self._drain(vector, self.fds[vector])
 
     def _drain(self, vector: int, fd: OwnedFd) -> None:
-        count = eventfd_read(fd.fileno())
+        count = eventfd_read_nowait(fd.fileno())  # the peers share its O_NONBLOCK flag
         if count:
             self._on_counts(vector, count)
 

@@ -9,10 +9,19 @@ import socket
 import sys
 import textwrap
 
+import pytest
 import trio
 from msixhub.protocol.connection import PROTOCOL_VERSION
 from msixhub.protocol.errors import ConnectionClosed, ProtocolError
-from msixhub.protocol.fds import close_all, eventfd, eventfd_read, memfd
+from msixhub.protocol.fds import (
+    NOWAIT_READS,
+    close_all,
+    eventfd,
+    eventfd_read,
+    eventfd_read_nowait,
+    eventfd_write,
+    memfd,
+)
 from msixhub.protocol.frame import DEFAULT_MAX_FRAME, HEADER
 from msixhub.protocol.messages import (
     Attach,
@@ -165,3 +174,18 @@ async def test_a_thousand_broken_connections_leak_no_fd() -> None:
                     nursery.start_soon(_serve, Transport(ours))
                     nursery.start_soon(_misbehave, theirs, (batch * 50 + index) % 7)
     assert open_fd_numbers() == before
+
+
+def test_a_nowait_read_of_a_blocking_eventfd_does_not_block() -> None:
+    """A peer holding a copy can clear O_NONBLOCK (the flag is the file's, not the fd's)."""
+    if not NOWAIT_READS:
+        pytest.skip("this kernel's eventfds refuse RWF_NOWAIT reads")
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking
+    try:
+        assert eventfd_read_nowait(fd) == 0
+        eventfd_write(fd, 3)
+        eventfd_write(fd, 4)
+        assert eventfd_read_nowait(fd) == 7
+        assert eventfd_read_nowait(fd) == 0
+    finally:
+        os.close(fd)
