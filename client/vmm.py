@@ -16,6 +16,11 @@ never dropped: events wait in a bounded queue, and a reader whose queue is full 
 so further notifications coalesce in the eventfd instead of being lost. Interrupts the hub
 sends (``Irq``) coalesce the same way in the hub while they wait to be sent: one carries
 ``count`` notifications.
+
+Over TCP (``connect(("host", port))``) no fd can travel: the hub reads every vector itself and
+sends each interrupt as an ``Irq``, and a kick goes to the hub as a ``Kick`` notice (kicks of
+one queue not yet sent coalesce, as in an eventfd). Guest memory needs fd passing: such a
+VMM drives devices that need none (registers, interrupts, kicks).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from msixhub.protocol.messages import (
     Intx,
     Irq,
     IvshmemPeer,
+    Kick,
     MmioRead,
     MmioWrite,
     MsixControlRead,
@@ -56,7 +62,7 @@ from msixhub.protocol.messages import (
     Value,
 )
 from msixhub.protocol.ops import Empty
-from msixhub.protocol.peer import Peer, connect_unix, open_peer
+from msixhub.protocol.peer import Peer, connect_tcp, connect_unix, open_peer
 from msixhub.protocol.schema import Message
 
 ENTRY_SIZE = 16
@@ -149,6 +155,7 @@ class AttachedDevice:
         self.info = info
         self.id = info.device
         self.kicks = kicks
+        self.by_message = state is not None and state.by_message  # no fds: kicks by message
         self.detached = False  # closed: detached, or the VMM's connection is gone
         n = info.num_vectors
         self._table = array.array("I", [0, 0, 0, 1] * n)  # guest view; reset: all masked
@@ -257,6 +264,9 @@ class AttachedDevice:
 
     def kick(self, queue: int) -> None:
         """Notify ``queue`` (the ioeventfd write a VMM does on the guest's notify access)."""
+        if self.by_message and not self.detached and 0 <= queue < self.info.num_queues:
+            self.vm.post_kick(self.id, queue)
+            return
         kicks = self.kicks
         if not 0 <= queue < len(kicks):
             raise self._no_kick(queue)
@@ -392,6 +402,25 @@ class VmmClient:
         self._attaching: dict[str, list[tuple[FdRequest, OwnedFd | None]]] = {}
         self.regions: list[Region] = []
         self.memory: list[OwnedFd] = []
+        self._kicks: dict[tuple[str, int], None] = {}  # by message, not yet sent, in order
+        self._kicks_ready = trio.lowlevel.ParkingLot()
+
+    def post_kick(self, device_id: str, queue: int) -> None:
+        """A kick by message: kicks of one queue not yet sent are one, as in an eventfd."""
+        self._kicks[device_id, queue] = None
+        self._kicks_ready.unpark()
+
+    async def _send_kicks(self) -> None:
+        while True:
+            if not self._kicks:
+                await self._kicks_ready.park()
+                continue
+            device_id, queue = key = next(iter(self._kicks))
+            del self._kicks[key]
+            try:
+                await self.peer.notify(Kick(device_id, queue))
+            except ConnectionClosed:
+                return
 
     def emit(self, event: Event) -> None:
         if self.handler is None or not self.handler(event):
@@ -513,10 +542,11 @@ class VmmClient:
 
 @asynccontextmanager
 async def connect(
-    path: str, *, name: str = "", request_timeout: float = 10.0
+    path: str | tuple[str, int], *, name: str = "", request_timeout: float = 10.0
 ) -> AsyncIterator[VmmClient]:
-    """Connect to the hub at ``path`` as a VMM; everything is closed when the block ends."""
-    transport = await connect_unix(path)
+    """Connect to the hub at ``path`` as a VMM (a unix socket, or a (host, port) on TCP: the
+    message path, see the module doc); everything is closed when the block ends."""
+    transport = await (connect_unix(path) if isinstance(path, str) else connect_tcp(*path))
     async with trio.open_nursery() as nursery:
         holder: list[VmmClient] = []
 
@@ -537,6 +567,7 @@ async def connect(
             vm = VmmClient(peer, nursery)
             holder.append(vm)
             nursery.start_soon(vm._let_go_when_disconnected)
+            nursery.start_soon(vm._send_kicks)
             try:
                 yield vm
             finally:

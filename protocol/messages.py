@@ -230,19 +230,34 @@ class BarWrite(Message):
 
 @message
 class Attached(Message):
-    """The device, and the MSI-X state the hub kept for it (the guest view starts from it)."""
+    """The device, and the MSI-X state the hub kept for it (the guest view starts from it).
+
+    ``by_message``: the VMM cannot take fds (TCP): every interrupt comes as ``Irq``, kicks go
+    as ``Kick`` notices, and the reply carries no kick fds."""
 
     info: DeviceInfo
     table: Annotated[bytes, MaxLen(MAX_VECTORS * 16)] = b""
     control: Annotated[int, Range(0, 0xFFFF)] = 0
+    by_message: bool = False
 
 
-@request("attach", reply=Attached, reply_fds=lambda r: r.info.num_queues)
+@request("attach", reply=Attached, reply_fds=lambda r: 0 if r.by_message else r.info.num_queues)
 @message
 class Attach(Message):
-    """VMM -> hub: take ``device``; the reply carries one kick fd per queue, in queue order."""
+    """VMM -> hub: take ``device``; the reply carries one kick fd per queue, in queue order
+    (none when the VMM cannot take fds: see ``Attached.by_message``)."""
 
     device: DeviceId
+
+
+@notice("kick")
+@message
+class Kick(Message):
+    """VMM -> hub: notify ``device``'s ``queue``, for a VMM without kick fds (TCP); the hub
+    writes the queue's kick eventfd, which the daemon reads as it reads any kick."""
+
+    device: DeviceId
+    queue: Queue
 
 
 @request("detach")

@@ -19,6 +19,12 @@ Concurrency rules (each a reason, not a habit):
   from notices. Notices (``notify``, ``set_intx``) and the hub's masked-vector readers never
   take a lock: they run synchronously against the model. (A notice handler that waited for a
   lock could deadlock: the holder may be waiting for a reply queued behind that notice.)
+* A VMM that cannot take fds (on TCP) gets the message path DESIGN.md promises: the hub is
+  the reader of every vector eventfd of its devices, masked or not, so each delivery is an
+  ``Irq`` message (as on the direct path), and its kicks arrive as ``Kick`` notices that the
+  hub writes into the kick eventfd. Masking, pending bits and counters are the model's, the
+  same on both paths. What has no message form (guest memory, ivshmem BAR memory) is
+  refused with ``unsupported``.
 * Frames to a VMM that the hub originates (interrupts it delivers, INTx, device state) go
   through a bounded outbox (server/outbox.py) in which interrupts coalesce per vector while
   they wait, as in an eventfd: a device that notifies faster than the VMM reads costs a
@@ -44,7 +50,7 @@ from msixhub.protocol.errors import (
     MessageError,
     RemoteError,
 )
-from msixhub.protocol.fds import OwnedFd, close_all, eventfd, memfd
+from msixhub.protocol.fds import OwnedFd, close_all, eventfd, eventfd_write, memfd
 from msixhub.protocol.messages import (
     Attached,
     BarRead,
@@ -55,6 +61,7 @@ from msixhub.protocol.messages import (
     DeviceState,
     Intx,
     Irq,
+    Kick,
     MmioRead,
     MmioWrite,
     MsixControlWrite,
@@ -101,6 +108,12 @@ class Vmm:
     outbox: Outbox[tuple[Device, int]] = field(default_factory=lambda: Outbox(OUTBOX_SIZE))
     outbox_ready: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     stopped_reading: bool = False  # its outbox filled: it is being disconnected
+
+    @property
+    def by_message(self) -> bool:
+        """It cannot take fds (TCP, or it said so): interrupts and kicks go by message."""
+        return not _takes_fds(self.peer)
+
     regions: list[Region] = field(default_factory=list)
     memory: list[OwnedFd] = field(default_factory=list)
     devices: dict[str, Device] = field(default_factory=dict)
@@ -223,16 +236,28 @@ class Hub:
         return await handler(self, peer, request)
 
     async def _on_notice(self, peer: Peer, notice: Notice) -> None:
+        body = notice.body
+        if isinstance(body, Kick) and peer in self.vmms:
+            self._kick(peer, body)
+            return
         device = self._device_of.get(peer)
         if device is None:
             raise MessageError(ErrorCode.BAD_STATE, f"{notice.op} before register_device")
-        body = notice.body
         if isinstance(body, Notify):
             self._check_vector(device, body.vector)
             self._handle_outcome(device, body.vector, device.msix.notify(body.vector))
             self._wake_route_worker()
         elif isinstance(body, SetIntx):
             self._set_intx(device, body.level)
+
+    def _kick(self, peer: Peer, kick: Kick) -> None:
+        """A kick by message (a VMM without kick fds): the write the VMM would have made."""
+        device = self._owned_device(peer, kick.device)
+        if kick.queue >= len(device.kicks):
+            raise MessageError(
+                ErrorCode.BAD_RANGE, f"device {kick.device!r} has {len(device.kicks)} queues"
+            )
+        eventfd_write(device.kicks[kick.queue].fileno())
 
     # --- the interrupt path (synchronous: never awaits) ------------------------------------
 
@@ -283,8 +308,9 @@ class Hub:
         channels = device.channels
         for vector in transition.masked:
             channels.start_reading(vector)
-        for vector in transition.unmasked:
-            channels.stop_reading(vector)
+        if not _hub_reads_all(device):
+            for vector in transition.unmasked:
+                channels.stop_reading(vector)
         for delivery in transition.deliveries:
             self._deliver(device, delivery)
         await self._apply_route_changes(device)
@@ -342,16 +368,16 @@ class Hub:
     async def _open_channel(self, device: Device, vector: int) -> None:
         fd = device.channels.open(vector)
         await self._tell_device(device, SetCallFd(vector), [fd])
-        if device.vmm is not None:
+        if device.vmm is not None and not device.vmm.by_message:
             await self._tell_vmm(device.vmm, SetIrqFd(device.id, vector), [fd])
-        if device.msix.is_masked(vector):
+        if device.msix.is_masked(vector) or _hub_reads_all(device):
             device.channels.start_reading(vector)
 
     async def _close_channel(self, device: Device, vector: int) -> None:
         # Device first: once it has answered, nobody writes the eventfd any more.
         await self._tell_device(device, ClearCallFd(vector))
         device.channels.stop_reading(vector)
-        if device.vmm is not None:
+        if device.vmm is not None and not device.vmm.by_message:
             await self._tell_vmm(device.vmm, ClearIrqFd(device.id, vector))
         device.channels.close(vector)
 
@@ -512,10 +538,11 @@ class Hub:
     async def attach(self, peer: Peer, request: Request) -> tuple[Message, list[OwnedFd]]:
         vmm = self._vmm_of(peer)
         device_id = request.body.device  # type: ignore[attr-defined]
-        _check_takes_fds(peer, "a VMM that attaches devices")
         device = self.devices.get(device_id)
         if device is None:
             raise MessageError(ErrorCode.NOT_FOUND, f"no device {device_id!r}")
+        if vmm.by_message and device.info.shared_memory:
+            _check_takes_fds(peer, f"a VMM that attaches {device_id!r} (ivshmem BAR memory)")
         async with device.lock:
             if device.vmm is not None:
                 owner = "this VMM" if device.vmm is vmm else f"VMM {device.vmm.name!r}"
@@ -529,12 +556,17 @@ class Hub:
             device.vmm = vmm
             vmm.devices[device_id] = device
             for vector, fd in sorted(device.channels.fds.items()):
-                await self._tell_vmm(vmm, SetIrqFd(device_id, vector), [fd])
+                if vmm.by_message:
+                    device.channels.start_reading(vector)  # it is the reader from now on
+                else:
+                    await self._tell_vmm(vmm, SetIrqFd(device_id, vector), [fd])
             if vmm.regions:
                 await self._tell_device(device, SetMemTable(vmm.regions), vmm.memory)
         # Reply fds are closed once sent: the VMM gets duplicates, the hub keeps the kicks.
-        state = Attached(device.info, _table_image(device.msix), device.msix.control)
-        return state, [fd.dup() for fd in device.kicks]
+        state = Attached(
+            device.info, _table_image(device.msix), device.msix.control, vmm.by_message
+        )
+        return state, [] if vmm.by_message else [fd.dup() for fd in device.kicks]
 
     async def detach(self, peer: Peer, request: Request) -> Message:
         device = self._owned_device(peer, request.body.device)  # type: ignore[attr-defined]
@@ -569,6 +601,7 @@ class Hub:
     async def set_mem_table(self, peer: Peer, request: Request) -> Message:
         vmm = self._vmm_of(peer)
         regions: list[Region] = request.body.regions  # type: ignore[attr-defined]
+        _check_takes_fds(peer, "a VMM that shares guest memory")
         _check_regions(regions, request.fds)
         async with vmm.memory_lock:
             old = vmm.memory
@@ -707,11 +740,20 @@ async def _tell(peer: Peer, who: str, body: Message, fds: Iterable[OwnedFd]) -> 
         log.warning("%s did not take %s: %s", who, type(body).__name__, exc)
 
 
+def _takes_fds(peer: Peer) -> bool:
+    connection = peer.connection
+    return connection.fd_passing and connection.send_max_fds > 0
+
+
+def _hub_reads_all(device: Device) -> bool:
+    """The hub reads every vector eventfd of a device whose VMM takes interrupts by message."""
+    return device.vmm is not None and device.vmm.by_message
+
+
 def _check_takes_fds(peer: Peer, who: str) -> None:
     """Refuse, before anything changes, a peer that cannot take the fds its role needs (on
     TCP, or one that said it takes none): the hub would have nothing to hand it later."""
-    connection = peer.connection
-    if not connection.fd_passing or connection.send_max_fds == 0:
+    if not _takes_fds(peer):
         raise FdPassingUnsupported(
             f"{who} needs fd passing (eventfds, guest memory); connect over the unix socket"
         )

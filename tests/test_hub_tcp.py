@@ -1,8 +1,9 @@
 """Peers that cannot take file descriptors (on TCP, or a unix peer that said it takes none).
 
-Everything a device daemon or an attaching VMM gets from the hub is an fd (eventfds, kick
-fds, guest memory), so the hub refuses such a peer those roles up front with a clear
-``unsupported`` error and changes nothing; a peer on TCP can still ask for status. Before,
+Everything a device daemon gets from the hub is an fd (eventfds, kick fds, guest memory), and
+so is guest memory from a VMM, so the hub refuses those up front with a clear ``unsupported``
+error and changes nothing; a peer on TCP can still ask for status. A VMM without fds attaches
+on the message path (interrupts as Irq, kicks as Kick: tests/test_hub_tcp_vmm.py). Before,
 the attach went halfway: the reply (kick fds) failed to go out, the device stayed attached
 to a VMM that could never use it, and no other VMM could take it.
 """
@@ -23,9 +24,11 @@ from msixhub.protocol.errors import ErrorCode, RemoteError
 from msixhub.protocol.fds import eventfd
 from msixhub.protocol.messages import (
     Attach,
+    Attached,
     RegisterDevice,
     Role,
     SetIrqFd,
+    SetMemTable,
     StatusQuery,
     StatusReport,
 )
@@ -34,7 +37,7 @@ from msixhub.protocol.transport import Transport
 from msixhub.server.hub import Hub
 from msixhub.server.serve import HubConfig, HubServer, run_hub
 from msixhub.testing.inprocess import inprocess_testdev
-from msixhub.testing.system import Testdev, next_interrupt
+from msixhub.testing.system import Testdev, hub_status, next_interrupt
 
 TIMEOUT = 5.0
 
@@ -86,7 +89,7 @@ async def fdless_peer(hub: TcpHub, connector: Connector, role: Role) -> AsyncIte
         yield peer
 
 
-async def test_attach_and_register_are_refused_and_nothing_changes(
+async def test_memory_and_register_are_refused_and_attach_takes_the_message_path(
     tmp_path: Path, connector: Connector
 ) -> None:
     async with (
@@ -96,12 +99,16 @@ async def test_attach_and_register_are_refused_and_nothing_changes(
         with trio.fail_after(TIMEOUT):
             async with fdless_peer(server, connector, "vmm") as vmm:
                 with pytest.raises(RemoteError) as refused:
-                    await vmm.call(Attach("dev0"))
+                    await vmm.call(SetMemTable([]))
                 assert refused.value.code == ErrorCode.UNSUPPORTED
                 assert "fd passing" in refused.value.message
                 report = await vmm.call(StatusQuery())  # still served: status needs no fds
                 assert isinstance(report, StatusReport)
                 assert [d["vmm"] for d in report.report["devices"]] == [None]
+                attached = await vmm.call(Attach("dev0"))  # no kick fds in the reply
+                assert isinstance(attached, Attached) and attached.by_message
+            async with hub_status(server.socket) as status:  # released as it leaves
+                await status.wait_for(lambda r: r["devices"][0]["vmm"] is None)
 
             async with fdless_peer(server, connector, "device") as daemon:
                 with pytest.raises(RemoteError) as refused:
