@@ -4,18 +4,25 @@ Across real processes (hub, testdev daemon, this process as the VMM), policy ``d
 device notifies one vector far faster than the VMM reads -- the VMM stops reading its socket
 altogether for a while -- and the VMM is not disconnected (its outbox holds one Irq per
 vector, however many notifications it carries), and in the end it has accounted exactly
-every notification: ``sum(Interrupt.count) == device SENT == hub delivered``.
+every notification: ``sum(Interrupt.count) == device SENT == hub delivered``. And in process:
+only control notices can fill the outbox, and a VMM that lets them is disconnected once.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import trio
-from msixhub.client.vmm import Interrupt
+from msixhub.client.vmm import Interrupt, connect
 from msixhub.protocol.connection import Notice
+from msixhub.protocol.messages import Intx
 from msixhub.protocol.peer import Peer
-from msixhub.testing.system import next_interrupt, running_system
+from msixhub.server import hub as hub_module
+from msixhub.server.msix import Delivery
+from msixhub.testing.inprocess import inprocess_hub, inprocess_testdev
+from msixhub.testing.system import Testdev, next_interrupt, running_system
 
 TOTAL = 200_000
 WHILE_STALLED = 12_000  # three times the outbox (4096): uncoalesced, it overflowed
@@ -97,3 +104,36 @@ async def test_a_vmm_that_stops_reading_is_not_disconnected_and_loses_nothing(
         except BaseException:
             print(f"hub log, last lines:\n{system.hub.log_tail(80)}")
             raise
+
+
+async def test_only_control_notices_fill_the_outbox_and_then_the_vmm_is_disconnected_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process, with a three-slot outbox, posting with nothing sent in between: any
+    number of deliveries to two vectors takes two slots; the second control notice past the
+    third slot disconnects the VMM, once."""
+    monkeypatch.setattr(hub_module, "OUTBOX_SIZE", 3)
+    async with (
+        inprocess_hub(tmp_path / "hub.sock", route_policy="direct") as server,
+        inprocess_testdev(server.socket, "dev0", vectors=2),
+    ):
+        with trio.fail_after(SETTLE_TIMEOUT):
+            async with connect(server.socket, name="vm0") as vm:
+                await Testdev(await vm.attach("dev0")).setup(range(2))
+                hub = server.hub
+                (vmm,) = hub.vmms.values()
+                device = hub.devices["dev0"]
+                for _ in range(1000):
+                    for vector in range(2):
+                        hub._deliver(device, Delivery(vector, 0, 0, -1))
+                hub._post(vmm, Intx("dev0", True))
+                assert (len(vmm.outbox), vmm.stopped_reading) == (3, False)
+                assert vmm.outbox.unsent((device, 0)) == 1000
+                with caplog.at_level(logging.WARNING, "msixhub.hub"):
+                    hub._post(vmm, Intx("dev0", False))
+                    hub._post(vmm, Intx("dev0", True))
+                    hub._deliver(device, Delivery(0, 0, 0, -1))
+                    await vm.peer.closed.wait()
+                assert vmm.stopped_reading
+                assert caplog.text.count("not reading its notices") == 1
+                assert "outbox full" in (vm.peer.close_reason or "")
