@@ -34,12 +34,20 @@ class InProcessHub:
 
 @asynccontextmanager
 async def inprocess_hub(
-    socket_path: str | Path, *, route_policy: str = "static", route_budget: int = 4096
+    socket_path: str | Path,
+    *,
+    route_policy: str = "static",
+    route_budget: int = 4096,
+    tcp: tuple[str, int] | None = None,
 ) -> AsyncIterator[InProcessHub]:
-    """``run_hub`` on ``socket_path`` for the duration of the block (then every fd it held is
+    """``run_hub`` on ``socket_path`` (and on TCP at ``tcp``, port 0 for one of its choosing:
+    ``server.tcp_addresses``) for the duration of the block (then every fd it held is
     closed and the socket file removed)."""
     config = HubConfig(
-        socket=str(socket_path), route_policy=RoutePolicy(route_policy), route_budget=route_budget
+        socket=str(socket_path),
+        route_policy=RoutePolicy(route_policy),
+        route_budget=route_budget,
+        tcp=tcp,
     )
     async with trio.open_nursery() as nursery:
         server = await nursery.start(run_hub, config)

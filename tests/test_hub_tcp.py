@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -34,46 +33,27 @@ from msixhub.protocol.messages import (
 )
 from msixhub.protocol.peer import Peer, connect_tcp, connect_unix, open_peer
 from msixhub.protocol.transport import Transport
-from msixhub.server.hub import Hub
-from msixhub.server.serve import HubConfig, HubServer, run_hub
-from msixhub.testing.inprocess import inprocess_testdev
+from msixhub.testing.inprocess import InProcessHub, inprocess_hub, inprocess_testdev
 from msixhub.testing.system import Testdev, hub_status, next_interrupt
 
 TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class TcpHub:
-    """An in-process hub listening on a unix socket and on TCP (a port of its choosing)."""
-
-    socket: str
-    server: HubServer
-
-    @property
-    def hub(self) -> Hub:
-        return self.server.hub
+def hub_with_tcp(directory: Path) -> AbstractAsyncContextManager[InProcessHub]:
+    return inprocess_hub(directory / "hub.sock", tcp=("127.0.0.1", 0))
 
 
-@asynccontextmanager
-async def hub_with_tcp(directory: Path) -> AsyncIterator[TcpHub]:
-    config = HubConfig(socket=str(directory / "hub.sock"), tcp=("127.0.0.1", 0))
-    async with trio.open_nursery() as nursery:
-        server: HubServer = await nursery.start(run_hub, config)
-        try:
-            yield TcpHub(config.socket, server)
-        finally:
-            nursery.cancel_scope.cancel()
+Connector = Callable[
+    [InProcessHub], Awaitable[tuple[Transport, int]]
+]  # a transport, the fds we take
 
 
-Connector = Callable[[TcpHub], Awaitable[tuple[Transport, int]]]  # a transport, the fds we take
-
-
-async def over_tcp(hub: TcpHub) -> tuple[Transport, int]:
+async def over_tcp(hub: InProcessHub) -> tuple[Transport, int]:
     host, port = hub.server.tcp_addresses[0]
     return await connect_tcp(host, port), 0
 
 
-async def over_unix_without_fds(hub: TcpHub) -> tuple[Transport, int]:
+async def over_unix_without_fds(hub: InProcessHub) -> tuple[Transport, int]:
     return await connect_unix(hub.socket), 0
 
 
@@ -83,7 +63,7 @@ def connector(request: pytest.FixtureRequest) -> Connector:
 
 
 @asynccontextmanager
-async def fdless_peer(hub: TcpHub, connector: Connector, role: Role) -> AsyncIterator[Peer]:
+async def fdless_peer(hub: InProcessHub, connector: Connector, role: Role) -> AsyncIterator[Peer]:
     transport, max_fds = await connector(hub)
     async with open_peer(transport, role, name=f"fdless-{role}", max_fds=max_fds) as peer:
         yield peer
