@@ -113,11 +113,14 @@ FdRequest = SetIrqFd | ClearIrqFd | SetIoeventfd | ClearIoeventfd | SetBarMemory
 
 class EventQueue:
     """Bounded FIFO of events. ``put`` never blocks and never drops; producers that can wait
-    (eventfd readers) call ``wait_for_space`` before they read, so the bound holds."""
+    (eventfd readers) call ``wait_for_space`` before they read, so the bound holds. Interrupts
+    that come as messages cannot wait (the connection is read whatever this queue holds: the
+    replies come that way), so they coalesce instead (``put_interrupt``)."""
 
     def __init__(self, limit: int = EVENT_QUEUE_LIMIT) -> None:
         self.limit = limit
-        self._items: deque[Event] = deque()
+        self._items: deque[Event | list[Interrupt]] = deque()
+        self._waiting: dict[tuple[str, int], list[Interrupt]] = {}  # queued message interrupts
         self._readers = trio.lowlevel.ParkingLot()
         self._writers = trio.lowlevel.ParkingLot()
 
@@ -132,6 +135,19 @@ class EventQueue:
         self._items.append(event)
         self._readers.unpark()
 
+    def put_interrupt(self, event: Interrupt) -> None:
+        """A message-path interrupt: its count joins the one for the same vector still
+        queued, if any (with the newer message), as an eventfd adds up the counts its reader
+        has not read; so these take one place per vector, whatever their rate."""
+        key = (event.device, event.vector)
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting[0] = event._replace(count=waiting[0].count + event.count)
+            return
+        slot = self._waiting[key] = [event]
+        self._items.append(slot)
+        self._readers.unpark()
+
     async def wait_for_space(self) -> None:
         while len(self._items) >= self.limit:
             await self._writers.park()
@@ -139,10 +155,14 @@ class EventQueue:
     async def get(self) -> Event:
         while not self._items:
             await self._readers.park()
-        event = self._items.popleft()
+        item = self._items.popleft()
         if len(self._items) < self.limit:
             self._writers.unpark_all()
-        return event
+        if isinstance(item, list):
+            event = item[0]
+            del self._waiting[event.device, event.vector]
+            return event
+        return item
 
 
 class AttachedDevice:
@@ -164,7 +184,7 @@ class AttachedDevice:
         self.control = state.control & (MSIX_ENABLE | FUNCTION_MASK) if state else 0
         self.irq_fds: dict[int, OwnedFd] = {}
         self._readers: dict[int, trio.CancelScope] = {}
-        self.interrupts = array.array("Q", bytes(8 * n))  # interrupts delivered per vector
+        self.interrupts = array.array("Q", bytes(8 * n))  # interrupts received per vector
         self.notifications = array.array("Q", bytes(8 * n))  # notifications they carried
         self.ioeventfds: dict[IoeventfdKey, OwnedFd] = {}
         self.bar_memory: dict[int, mmap.mmap] = {}  # BARs that are memory (ivshmem's BAR2)
@@ -277,7 +297,7 @@ class AttachedDevice:
             return ConnectionClosed(f"device {self.id!r} is detached from this VMM")
         return MessageError(
             ErrorCode.BAD_RANGE,
-            f"device {self.id!r} has no queue {queue} ({len(self.kicks)} queues)",
+            f"device {self.id!r} has no queue {queue} ({self.info.num_queues} queues)",
         )
 
     # --- fds the hub hands over --------------------------------------------------------------
@@ -517,7 +537,11 @@ class VmmClient:
             if device is not None:
                 device.interrupts[body.vector] += 1
                 device.notifications[body.vector] += body.count
-            self.emit(Interrupt(body.device, body.vector, body.address, body.data, body.count))
+            elif body.device not in self._attaching:  # (attaching: the reply is behind it)
+                return  # sent before the device was released: not ours any more
+            event = Interrupt(body.device, body.vector, body.address, body.data, body.count)
+            if self.handler is None or not self.handler(event):
+                self.queue.put_interrupt(event)
         elif isinstance(body, Intx):
             self.emit(IntxEvent(body.device, body.level))
         elif isinstance(body, DeviceState):

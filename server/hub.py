@@ -204,6 +204,8 @@ class Hub:
                 continue
             if isinstance(item, CoalescedIrq):
                 device, vector = item.key
+                if device.vmm is not vmm:
+                    continue  # released meanwhile: its table may be another guest's now
                 item = _irq(device, vector, item.count)
             try:
                 await vmm.peer.notify(item)

@@ -94,7 +94,8 @@ async def test_a_vmm_that_stops_reading_is_not_disconnected_and_loses_nothing(
                 0,
             )
             assert system.device.notifications[0] == TOTAL
-            assert system.device.interrupts[0] == interrupts < TOTAL  # they did coalesce
+            # they did coalesce, in the hub and again in the client's queue
+            assert interrupts <= system.device.interrupts[0] < TOTAL
             # Nothing else was on its way: one more notification arrives alone.
             await system.testdev.notify(0)
             interrupt = await next_interrupt(system.vm)

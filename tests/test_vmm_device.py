@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import trio
-from msixhub.client.vmm import MSIX_ENABLE, AttachedDevice, Interrupt, VmmClient
+from msixhub.client.vmm import (
+    MSIX_ENABLE,
+    AttachedDevice,
+    EventQueue,
+    Interrupt,
+    IntxEvent,
+    VmmClient,
+)
 from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError
 from msixhub.protocol.fds import eventfd, eventfd_read, eventfd_write
 from msixhub.protocol.messages import Attached, Bar, DeviceInfo, MsixLayout
@@ -61,3 +68,22 @@ async def test_a_kick_reaches_its_queue_and_a_bad_one_is_a_clear_error() -> None
         device.close()
         with pytest.raises(ConnectionClosed, match="detached"):
             device.kick(0)
+
+
+async def test_message_interrupts_coalesce_per_vector_while_queued() -> None:
+    """The connection is read whatever the queue holds, so interrupts that come as messages
+    take one place per vector (counts add up, the newer message wins), as in an eventfd."""
+    queue = EventQueue(limit=4)
+    queue.put_interrupt(Interrupt("dev0", 0, 0xFEE0_0000, 1, 2))
+    queue.put(IntxEvent("dev0", True))
+    for data in range(2, 1002):
+        queue.put_interrupt(Interrupt("dev0", 0, 0xFEE0_0000, data, 1))
+    queue.put_interrupt(Interrupt("dev0", 1, 0xFEE0_1000, 7, 1))
+    assert len(queue) == 3
+    with trio.fail_after(5):
+        assert await queue.get() == Interrupt("dev0", 0, 0xFEE0_0000, 1001, 1002)
+        queue.put_interrupt(Interrupt("dev0", 0, 0xFEE0_0000, 5, 1))  # a new place, at the back
+        assert await queue.get() == IntxEvent("dev0", True)
+        assert await queue.get() == Interrupt("dev0", 1, 0xFEE0_1000, 7, 1)
+        assert await queue.get() == Interrupt("dev0", 0, 0xFEE0_0000, 5, 1)
+    assert len(queue) == 0
