@@ -341,12 +341,14 @@ class AttachedDevice:
         if not self.is_masked(vector):
             self._start_reading(vector)
 
-    def _clear_irq_fd(self, vector: int) -> None:
+    def _clear_irq_fd(self, vector: int, *, take: bool = True) -> None:
+        """Stop reading ``vector``'s eventfd and close it; what it holds is taken first if
+        ours to read (``take=False`` on detach: the hub reads it from then on)."""
         self._stop_reading(vector)
         fd = self.irq_fds.pop(vector, None)
         if fd is None:
             return
-        if not self.is_masked(vector):
+        if take and not self.is_masked(vector):
             self._take(vector, eventfd_read(fd.fileno()))
         trio.lowlevel.notify_closing(fd.fileno())
         fd.close()
@@ -397,10 +399,7 @@ class AttachedDevice:
     def close(self) -> None:
         self.detached = True
         for vector in list(self.irq_fds):
-            self._stop_reading(vector)
-            fd = self.irq_fds.pop(vector)
-            trio.lowlevel.notify_closing(fd.fileno())
-            fd.close()
+            self._clear_irq_fd(vector, take=False)
         close_all(self.kicks)
         close_all(list(self.ioeventfds.values()))
         self.ioeventfds.clear()
