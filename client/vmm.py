@@ -37,7 +37,14 @@ from typing import NamedTuple
 import trio
 from msixhub.protocol.connection import Notice, Request
 from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError, MsixhubError
-from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read, eventfd_write, memfd
+from msixhub.protocol.fds import (
+    NowaitReader,
+    OwnedFd,
+    close_all,
+    eventfd_read_nowait,
+    eventfd_write,
+    memfd,
+)
 from msixhub.protocol.messages import (
     Attach,
     Attached,
@@ -349,7 +356,7 @@ class AttachedDevice:
         if fd is None:
             return
         if take and not self.is_masked(vector):
-            self._take(vector, eventfd_read(fd.fileno()))
+            self._take(vector, eventfd_read_nowait(fd.fileno()))
         trio.lowlevel.notify_closing(fd.fileno())
         fd.close()
 
@@ -375,6 +382,7 @@ class AttachedDevice:
         reused, fd number from being read. (A dict lookup, not ``scope.cancel_called``,
         which reads the clock: this runs once per interrupt.)"""
         queue, readers, number = self.vm.queue, self._readers, fd.fileno()
+        read = NowaitReader().read  # the fd is a blocking file, and others hold it
         with scope:
             try:
                 while True:
@@ -385,7 +393,7 @@ class AttachedDevice:
                     await trio.lowlevel.wait_readable(number)
                     if readers.get(vector) is not scope:
                         return  # masked, or closing, while it woke
-                    self._take(vector, eventfd_read(number))
+                    self._take(vector, read(number))
             except trio.ClosedResourceError:
                 return
 

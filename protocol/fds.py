@@ -8,7 +8,6 @@ moves with ``detach()``. Linux primitives msixhub is built on: eventfd and memfd
 from __future__ import annotations
 
 import os
-import sys
 from types import TracebackType
 
 
@@ -76,6 +75,16 @@ def eventfd(initial: int = 0) -> OwnedFd:
     return OwnedFd(os.eventfd(initial, os.EFD_CLOEXEC | os.EFD_NONBLOCK), "eventfd")
 
 
+def vector_eventfd() -> OwnedFd:
+    """The eventfd of a vector channel, which the hub, a device and a VMM (or ivshmem peers)
+    share. Blocking, so that a reader with nothing else to do (a thread per vector, as KVM
+    consumes an irqfd in the kernel) waits for an interrupt in one read; msixhub's own readers
+    wait for readiness and read with RWF_NOWAIT (``NowaitReader``), so they never block on it.
+    Non-blocking on a kernel whose eventfds refuse RWF_NOWAIT (the hub could block there)."""
+    flags = os.EFD_CLOEXEC if NOWAIT_READS else os.EFD_CLOEXEC | os.EFD_NONBLOCK
+    return OwnedFd(os.eventfd(0, flags), "vector")
+
+
 def memfd(size: int, name: str = "msixhub-guest", *, hugetlb: bool = False) -> OwnedFd:
     """Anonymous shared memory of ``size`` bytes that can be passed to other processes."""
     flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
@@ -98,22 +107,38 @@ def eventfd_read(fd: int) -> int:
         return 0
 
 
-def eventfd_read_nowait(fd: int) -> int:
-    """``eventfd_read`` that does not block even if O_NONBLOCK is gone from ``fd``.
+class NowaitReader:
+    """Reads eventfd counters without ever blocking, whatever ``fd``'s O_NONBLOCK says.
 
-    The flag belongs to the open file, not to the fd, so any process holding a copy of an
-    eventfd (a device or a VMM the hub gave one) can clear it for every other holder. A
-    reader that must never block (the hub) reads with RWF_NOWAIT, which makes this one read
-    non-blocking whatever the flag says. On a kernel whose eventfds refuse RWF_NOWAIT it is
-    ``eventfd_read``, and a peer can make it block (see ``NOWAIT_READS``)."""
-    if not NOWAIT_READS:
-        return eventfd_read(fd)
-    counter = bytearray(8)
-    try:
-        os.preadv(fd, (counter,), -1, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return 0
-    return int.from_bytes(counter, sys.byteorder)
+    The flag belongs to the open file, not to the fd: vector eventfds are blocking
+    (``vector_eventfd``), and any process holding a copy of an eventfd can change the flag
+    for every other holder, or read a count a reader was woken for. A reader that must not
+    block (the hub, the VMM client) reads with RWF_NOWAIT, which makes the one read
+    non-blocking. Into a buffer of its own: a reader runs once per interrupt, and allocating
+    one per read costs a third more. One per task (not for threads sharing it). On a kernel
+    whose eventfds refuse RWF_NOWAIT it is ``eventfd_read`` (see ``NOWAIT_READS``)."""
+
+    __slots__ = ("_buffers", "_counter")
+
+    def __init__(self) -> None:
+        buffer = bytearray(8)
+        self._buffers = (buffer,)
+        self._counter = memoryview(buffer).cast("Q")
+
+    def read(self, fd: int) -> int:
+        """The counter of ``fd``, cleared; 0 if it was empty."""
+        if not NOWAIT_READS:
+            return eventfd_read(fd)
+        try:
+            os.preadv(fd, self._buffers, -1, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        return self._counter[0]
+
+
+def eventfd_read_nowait(fd: int) -> int:
+    """One ``NowaitReader.read`` (for a reader that does not run per interrupt)."""
+    return NowaitReader().read(fd)
 
 
 def eventfd_write(fd: int, value: int = 1) -> None:

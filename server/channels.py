@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
-from msixhub.protocol.fds import OwnedFd, eventfd, eventfd_read_nowait
+from msixhub.protocol.fds import NowaitReader, OwnedFd, vector_eventfd
 
 CountSink = Callable[[int, int], None]  # (vector, count) -> None
 
@@ -28,12 +28,13 @@ class VectorChannels:
         self._on_counts = on_counts
         self.fds: dict[int, OwnedFd] = {}
         self._readers: dict[int, trio.CancelScope] = {}
+        self._reader = NowaitReader()  # the hub's tasks share it: none awaits while it reads
 
     def open(self, vector: int) -> OwnedFd:
         """The eventfd of a newly routed vector (the hub's own copy)."""
         if vector in self.fds:
             raise ValueError(f"vector {vector} already has a channel")
-        fd = self.fds[vector] = eventfd()
+        fd = self.fds[vector] = vector_eventfd()
         fd.name = f"call{vector}"
         return fd
 
@@ -78,7 +79,7 @@ class VectorChannels:
             self._drain(vector, self.fds[vector])
 
     def _drain(self, vector: int, fd: OwnedFd) -> None:
-        count = eventfd_read_nowait(fd.fileno())  # the peers share its O_NONBLOCK flag
+        count = self._reader.read(fd.fileno())  # never blocks: the fd is a blocking file
         if count:
             self._on_counts(vector, count)
 

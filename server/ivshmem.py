@@ -68,7 +68,7 @@ from msixhub.devices.ivshmem.qemu_server import serve_qemu_protocol
 from msixhub.devices.ivshmem.regs import BAR0_SIZE, Doorbell, Register
 from msixhub.devices.ivshmem.sizes import SizeError, parse_size, shm_size
 from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError, MsixhubError
-from msixhub.protocol.fds import OwnedFd, close_all, eventfd, eventfd_write
+from msixhub.protocol.fds import OwnedFd, close_all, eventfd_write, vector_eventfd
 from msixhub.protocol.messages import (
     ClearIoeventfd,
     DeviceInfo,
@@ -156,7 +156,7 @@ class PeerChannels(VectorChannels):
         copies: list[OwnedFd] = []
         try:
             for vector in range(vectors):
-                fd = eventfd()
+                fd = vector_eventfd()
                 fd.name = f"ivshmem-v{vector}"
                 fds.append(fd)
                 copies.append(fd.dup())

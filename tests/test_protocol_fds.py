@@ -3,6 +3,7 @@ connections that each go wrong in a different way."""
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
@@ -15,12 +16,14 @@ from msixhub.protocol.connection import PROTOCOL_VERSION
 from msixhub.protocol.errors import ConnectionClosed, ProtocolError
 from msixhub.protocol.fds import (
     NOWAIT_READS,
+    NowaitReader,
     close_all,
     eventfd,
     eventfd_read,
     eventfd_read_nowait,
     eventfd_write,
     memfd,
+    vector_eventfd,
 )
 from msixhub.protocol.frame import DEFAULT_MAX_FRAME, HEADER
 from msixhub.protocol.messages import (
@@ -189,3 +192,18 @@ def test_a_nowait_read_of_a_blocking_eventfd_does_not_block() -> None:
         assert eventfd_read_nowait(fd) == 0
     finally:
         os.close(fd)
+
+
+def test_vector_eventfds_block_where_the_hub_can_read_them_without_blocking() -> None:
+    """Blocking, so a VMM with nothing else to do waits in one read; but never where a reader
+    that must not block would have no way not to (no RWF_NOWAIT for eventfds)."""
+    with vector_eventfd() as fd:
+        flags = fcntl.fcntl(fd.fileno(), fcntl.F_GETFL)
+        assert bool(flags & os.O_NONBLOCK) is not NOWAIT_READS
+        assert fcntl.fcntl(fd.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        reader = NowaitReader()
+        assert reader.read(fd.fileno()) == 0
+        eventfd_write(fd.fileno(), 5)
+        eventfd_write(fd.fileno(), (1 << 63) - 1)  # a count past 2**62: a buffer of 64 bits
+        assert reader.read(fd.fileno()) == (1 << 63) + 4
+        assert reader.read(fd.fileno()) == 0

@@ -13,7 +13,14 @@ from msixhub.client.vmm import (
     VmmClient,
 )
 from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError
-from msixhub.protocol.fds import eventfd, eventfd_read, eventfd_write
+from msixhub.protocol.fds import (
+    NOWAIT_READS,
+    eventfd,
+    eventfd_read,
+    eventfd_read_nowait,
+    eventfd_write,
+    vector_eventfd,
+)
 from msixhub.protocol.messages import Attached, Bar, DeviceInfo, MsixLayout
 
 VECTORS = 2
@@ -42,7 +49,7 @@ async def test_a_reader_stopped_before_it_ran_leaves_the_fd_to_its_successor() -
     for _ in range(20):  # trio runs a batch of tasks in random order
         async with trio.open_nursery() as nursery:
             device = _device(nursery)
-            device._set_irq_fd(0, eventfd())  # starts a reader: the vector is unmasked
+            device._set_irq_fd(0, vector_eventfd())  # starts a reader: the vector is unmasked
             device._stop_reading(0)
             device._start_reading(0)
             await trio.testing.wait_all_tasks_blocked()
@@ -52,6 +59,39 @@ async def test_a_reader_stopped_before_it_ran_leaves_the_fd_to_its_successor() -
             assert event == Interrupt("dev0", 0, 0, 0, 3)
             await trio.testing.wait_all_tasks_blocked()
             assert len(device.vm.queue) == 0 and list(device.notifications) == [3, 0]
+            device.close()
+
+
+@pytest.mark.skipif(not NOWAIT_READS, reason="vector eventfds are non-blocking here")
+@pytest.mark.timeout(20)  # a reader that blocks in read() stops trio: fail_after cannot fire
+async def test_a_count_stolen_by_another_holder_does_not_block_the_reader() -> None:
+    """Vector eventfds are blocking files, and the device (or an ivshmem peer) holds a copy:
+    if it reads the count the VMM's reader was woken for, the reader finds the fd empty and
+    must wait again, not block the VMM in read(). A thief task waits on a dup of the same
+    file, so both wake for each write; trio runs them in random order, so some rounds the
+    thief reads first. Every count is read by exactly one of them."""
+    async with trio.open_nursery() as nursery:
+        device = _device(nursery)
+        device._set_irq_fd(0, vector_eventfd())
+        stolen = 0
+        thief_fd = device.irq_fds[0].dup()
+
+        async def steal() -> None:
+            nonlocal stolen
+            while True:
+                await trio.lowlevel.wait_readable(thief_fd.fileno())
+                stolen += eventfd_read_nowait(thief_fd.fileno())
+
+        with thief_fd:
+            nursery.start_soon(steal)
+            with trio.fail_after(10):
+                for sent in range(1, 201):
+                    await trio.testing.wait_all_tasks_blocked()
+                    eventfd_write(device.irq_fds[0].fileno())
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert stolen + device.notifications[0] == sent
+            assert 0 < stolen < 200, "each side should have won some rounds"
+            nursery.cancel_scope.cancel()
             device.close()
 
 

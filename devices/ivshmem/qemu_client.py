@@ -27,7 +27,7 @@ from msixhub.devices.ivshmem.qemu_protocol import (
     Welcome,
 )
 from msixhub.protocol.errors import ConnectionClosed, ProtocolError
-from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read, eventfd_write
+from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read_nowait, eventfd_write
 
 _RECV_BYTES = 4096
 _MAX_FDS_PER_RECV = 64
@@ -85,9 +85,10 @@ class QemuPeer:
     async def wait_rung(self, vector: int) -> int:
         """Wait until our ``vector`` is rung; return the count read (rings coalesce)."""
         fd = self.own_vectors[vector].fileno()
-        while not (count := eventfd_read(fd)):
+        while True:  # an msixhub hub gives blocking vector eventfds: read once readable
             await trio.lowlevel.wait_readable(fd)
-        return count
+            if count := eventfd_read_nowait(fd):
+                return count
 
     def close(self) -> None:
         self._sock.close()
