@@ -13,9 +13,12 @@ hw/pci/msix.c:
 * the device may withdraw a notification ("the reason is gone"): ``deassert`` clears the
   pending bit, and so does the last ``unuse``;
 * ``notify`` on a vector nobody uses is dropped, as in QEMU; with MSI-X disabled, a device
-  whose transport has INTx asserts INTx instead (virtio's fallback).
+  whose transport has INTx asserts INTx instead (virtio's fallback);
+* a delivery the hub has not sent yet when its vector is masked is taken back
+  (``undeliver``) and becomes pending, as if it had arrived after the mask.
 
-Accounting: each ``notify`` lands in exactly one per-vector counter, or in the pending bit
+Accounting: each ``notify`` lands in exactly one per-vector counter (``undeliver`` moves
+some from ``delivered`` to ``coalesced``), or in the pending bit
 until that bit is delivered (``delivered``) or withdrawn (``cleared``: by ``deassert``,
 the last ``unuse``, ``reset`` or ``restore``), so at every moment, per vector::
 
@@ -328,6 +331,67 @@ class MsixCapability:
             route = self._route_for_delivery(v, route)
         return _new_tuple(Delivery, (v, self._addr[v], self._data[v], route))
 
+    def notify_many(self, v: int, count: int) -> Delivery | Outcome:
+        """``count`` notifications of ``v`` at once (a count read from its eventfd), ending in
+        exactly the state and counters of ``count`` calls of ``notify``, route statistics
+        included. Returns what the first call would: the later ones follow from it (the same
+        Delivery, each; COALESCED after PENDING; otherwise the same Outcome)."""
+        if not 0 <= v < self.num_vectors:
+            raise self._bad_vector(v)
+        if not _is_int(count) or count < 1:
+            raise MsixAccessError(f"notification count {count!r} is not a positive int")
+        if self._intx_fallback:
+            self._intx[v] += count
+            return _INTX
+        if not self._used[v]:
+            self._dropped[v] += count
+            return _DROPPED
+        if self._all_masked or self._mask[v]:
+            pba = self._pba
+            byte, bit = v >> 3, 1 << (v & 7)
+            if pba[byte] & bit:
+                self._coalesced[v] += count
+                return _COALESCED
+            pba[byte] |= bit
+            self._coalesced[v] += count - 1
+            return _PENDING
+        self._delivered[v] += count
+        route = self._route[v]
+        if route < 0 or self._lazy:
+            route = self._route_for_delivery(v, route, deliveries=count)
+        return _new_tuple(Delivery, (v, self._addr[v], self._data[v], route))
+
+    def undeliver(self, v: int, count: int) -> None:
+        """Take back ``count`` deliveries of ``v`` that never left the hub, now that ``v`` is
+        masked (an unsent ``Irq`` the guest masked before it went out): they become ``v``'s
+        pending notification, one pending and the rest coalesced into it -- exactly what the
+        same count unread in ``v``'s eventfd becomes when the hub reads it after the mask.
+        If ``v`` lost its last user meanwhile, that pending bit is withdrawn at once
+        (``cleared``), as the last ``unuse`` withdraws one. Route statistics are left alone:
+        they count routing decisions, and those were made.
+
+        Refused (MsixStateError, nothing changed) while ``v`` is deliverable -- taking back
+        a delivery only to deliver it again would count it twice -- or for more than its
+        ``delivered``."""
+        self._check_vector(v)
+        if not _is_int(count) or not 1 <= count <= self._delivered[v]:
+            raise MsixStateError(
+                f"{self.owner} vector {v}: cannot take back {count!r} of its "
+                f"{self._delivered[v]} deliveries"
+            )
+        if not (self._all_masked or self._mask[v]):
+            raise MsixStateError(f"{self.owner} vector {v} is not masked: nothing to take back")
+        self._delivered[v] -= count
+        byte, bit = v >> 3, 1 << (v & 7)
+        if self._pba[byte] & bit:
+            self._coalesced[v] += count
+            return
+        self._coalesced[v] += count - 1
+        if self._used[v]:
+            self._pba[byte] |= bit
+        else:
+            self._cleared[v] += 1
+
     def deassert(self, v: int) -> bool:
         """The reason for ``v``'s interrupt is gone: withdraw it if pending."""
         self._check_vector(v)
@@ -493,22 +557,23 @@ class MsixCapability:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _route_for_delivery(self, v: int, route: int, protect: int = 0) -> int:
+    def _route_for_delivery(self, v: int, route: int, protect: int = 0, deliveries: int = 1) -> int:
         """The route of a delivery that is not a plain static hit; counts direct ones.
 
         ``protect``: how many deliveries earlier in the same batch took a route; a lazy
         acquisition must not evict theirs, or their Delivery would name a route that
-        already belongs to another vector (see RouteTable.acquire).
+        already belongs to another vector (see RouteTable.acquire). ``deliveries``: that
+        many to ``v`` in a row (``notify_many``), counted as that many single ones.
         """
         routes = self._routes
         if self._lazy and (self._addr[v] or self._data[v]):
             if route >= 0:
                 routes.touch(route)
                 return route
-            route = routes.acquire(self.owner, v, protect=protect)
+            route = routes.acquire(self.owner, v, protect=protect, attempts=deliveries)
             if route >= 0:
                 return route
-        routes.count_direct()
+        routes.count_direct(deliveries)
         return NO_ROUTE
 
     def _deliver_pending(self, v: int, protect: int = 0) -> Delivery:

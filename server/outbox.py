@@ -12,6 +12,12 @@ one interrupt per vector, and can fill only with control notices (INTx, device s
 
 Order: a slot keeps the place of the first delivery it carries; a delivery made after the
 slot was popped opens a new slot at the back.
+
+Retraction: a slot not yet popped can be taken back whole (``retract``: the guest masked its
+vector, and what has not left the hub must become pending instead). A popped slot is on its
+way and cannot be. A retracted slot stays in the queue as an empty husk that ``pop`` skips
+and that takes no room (the queue is compacted once husks are half of it), so taking a slot
+back costs O(1) whatever its place in a long queue.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ K = TypeVar("K", bound=Hashable)
 
 
 class CoalescedIrq(Generic[K]):
-    """``count`` deliveries to the vector ``key`` names, not yet sent."""
+    """``count`` deliveries to the vector ``key`` names, not yet sent (0: retracted)."""
 
     __slots__ = ("count", "key")
 
-    def __init__(self, key: K) -> None:
+    def __init__(self, key: K, count: int) -> None:
         self.key = key
-        self.count = 1
+        self.count = count
 
     def __repr__(self) -> str:
         return f"CoalescedIrq({self.key!r}, count={self.count})"
@@ -49,29 +55,43 @@ class Outbox(Generic[K]):
         self.limit = limit
         self._items: deque[Message | CoalescedIrq[K]] = deque()
         self._unsent: dict[K, CoalescedIrq[K]] = {}
+        self._husks = 0  # retracted slots still in _items
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) - self._husks
 
     def post(self, message: Message) -> bool:
         """Queue ``message``; False (and nothing queued) when the outbox is full."""
-        if len(self._items) >= self.limit:
+        if len(self._items) - self._husks >= self.limit:
             return False
         self._items.append(message)
         return True
 
-    def post_irq(self, key: K) -> bool:
-        """One more delivery to the vector ``key``: merged into its unsent slot if there is
-        one, else a new slot; False (and nothing changed) when that needs room there is not."""
+    def post_irq(self, key: K, count: int = 1) -> bool:
+        """``count`` more deliveries to the vector ``key``: merged into its unsent slot if there
+        is one, else a new slot; False (and nothing changed) when that needs room there is not."""
         slot = self._unsent.get(key)
         if slot is not None:
-            slot.count += 1
+            slot.count += count
             return True
-        if len(self._items) >= self.limit:
+        if len(self._items) - self._husks >= self.limit:
             return False
-        slot = self._unsent[key] = CoalescedIrq(key)
+        slot = self._unsent[key] = CoalescedIrq(key, count)
         self._items.append(slot)
         return True
+
+    def retract(self, key: K) -> int:
+        """Take back the unsent slot of ``key``; the deliveries it carried (0: none unsent).
+        What was popped already is not affected: it is on its way."""
+        slot = self._unsent.pop(key, None)
+        if slot is None:
+            return 0
+        count, slot.count = slot.count, 0
+        self._husks += 1
+        if self._husks > len(self._items) // 2:
+            self._items = deque(item for item in self._items if not _is_husk(item))
+            self._husks = 0
+        return count
 
     def unsent(self, key: K) -> int:
         """Deliveries to ``key`` waiting to be sent."""
@@ -81,9 +101,17 @@ class Outbox(Generic[K]):
     def pop(self) -> Message | CoalescedIrq[K] | None:
         """The oldest item, None when empty. A slot popped is final: later deliveries to its
         vector open a new one."""
-        if not self._items:
-            return None
-        item = self._items.popleft()
-        if isinstance(item, CoalescedIrq):
-            del self._unsent[item.key]
-        return item
+        items = self._items
+        while items:
+            item = items.popleft()
+            if isinstance(item, CoalescedIrq):
+                if not item.count:
+                    self._husks -= 1
+                    continue
+                del self._unsent[item.key]
+            return item
+        return None
+
+
+def _is_husk(item: object) -> bool:
+    return isinstance(item, CoalescedIrq) and not item.count

@@ -136,6 +136,12 @@ class RouteTable:
 
     # -- what the hub reads ------------------------------------------------------------
 
+    @property
+    def has_changes(self) -> bool:
+        """Whether ``drain_changes`` has anything: lets the notify hot path skip the drain
+        (a new list here, a new set in the hub) when, as almost always, nothing moved."""
+        return bool(self._changes)
+
     def drain_changes(self) -> list[RouteChange]:
         """Every route acquired, released or evicted since the last drain, in order."""
         changes, self._changes = self._changes, []
@@ -208,17 +214,21 @@ class RouteTable:
             if route != NO_ROUTE:
                 self._release_route(route)
 
-    def acquire(self, owner: str, vector: int, *, protect: int = 0) -> int:
+    def acquire(self, owner: str, vector: int, *, protect: int = 0, attempts: int = 1) -> int:
         """Lazy policy: a route for a vector being delivered, evicting the LRU if full.
 
         The ``protect`` most recently used routes are never evicted: they were named by
         deliveries earlier in the same batch (one unmask delivering several pending
         vectors), which the hub has not acted on yet. Returns NO_ROUTE, counting a
         failure, when nothing may be evicted (budget zero, or all protected).
-        """
+
+        ``attempts``: that many deliveries in a row ask (a count read from an eventfd). A
+        success serves them all: the later ones would find the route, already the newest. A
+        failure counts once for each: with nothing protected it means a budget of zero,
+        which each of those calls would have met in turn."""
         if not self._free:
             if self._in_use <= protect:
-                self._alloc_failures += 1
+                self._alloc_failures += attempts
                 return NO_ROUTE
             self._evictions += 1
             self._release_route(self._lru_head)  # pushed on the free stack, popped just below
@@ -244,8 +254,8 @@ class RouteTable:
         nxt[route] = -1
         self._lru_tail = route
 
-    def count_direct(self) -> None:
-        self._direct_deliveries += 1
+    def count_direct(self, deliveries: int = 1) -> None:
+        self._direct_deliveries += deliveries
 
     # -- internals -----------------------------------------------------------------------
 

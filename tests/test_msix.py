@@ -268,6 +268,121 @@ def test_notify_out_of_range_vector_is_refused(v: int) -> None:
     assert state(cap, routes) == before
 
 
+# -- many notifications at once (a count read from an eventfd) -------------------------------
+
+
+def test_notify_many_on_an_unmasked_vector_is_one_delivery_counted_n_times() -> None:
+    cap, routes = ready(4)
+    assert cap.notify_many(2, 5) == expected_delivery(cap, 2, routes.route_of("dev", 2))  # type: ignore[arg-type]
+    assert cap.vector_stats(2).delivered == 5
+
+
+def test_notify_many_on_a_masked_vector_sets_pending_and_coalesces_the_rest() -> None:
+    cap, _ = ready(4)
+    cap.table_write(3 * 16 + 12, 4, 1)
+    assert cap.notify_many(3, 4) is Outcome.PENDING
+    assert cap.notify_many(3, 2) is Outcome.COALESCED
+    stats = cap.vector_stats(3)
+    assert (stats.pending, stats.coalesced, stats.delivered) == (True, 5, 0)
+
+
+def test_notify_many_drops_or_asserts_intx_n_times() -> None:
+    cap, _ = ready(2, has_intx=True)
+    cap.unuse(1)
+    assert cap.notify_many(1, 3) is Outcome.DROPPED
+    cap.write_control(0)
+    assert cap.notify_many(0, 7) is Outcome.INTX
+    assert (cap.vector_stats(1).dropped, cap.vector_stats(0).intx) == (3, 7)
+
+
+def test_notify_many_on_the_direct_path_counts_every_direct_delivery() -> None:
+    cap, routes = ready(2, policy="lazy", budget=0)
+    assert cap.notify_many(0, 6) == expected_delivery(cap, 0, -1)
+    assert (routes.stats().direct_deliveries, routes.stats().alloc_failures) == (6, 6)
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.0, True, None])
+def test_notify_many_with_a_bad_count_is_refused(count: object) -> None:
+    cap, routes = ready(4)
+    before = state(cap, routes)
+    with pytest.raises(MsixAccessError, match="count"):
+        cap.notify_many(0, count)  # type: ignore[arg-type]
+    with pytest.raises(MsixAccessError):
+        cap.notify_many(4, 1)
+    assert state(cap, routes) == before
+
+
+# -- taking back deliveries not sent yet -----------------------------------------------------
+
+
+def test_unsent_deliveries_of_a_masked_vector_become_one_pending_notification() -> None:
+    cap, routes = ready(4)
+    cap.notify_many(1, 3)  # the hub's outbox holds them, unsent
+    cap.table_write(1 * 16 + 12, 4, 1)
+    cap.undeliver(1, 3)
+    s = cap.vector_stats(1)
+    assert (s.delivered, s.coalesced, s.pending) == (0, 2, True)
+    transition = cap.table_write(1 * 16 + 12, 4, 0)
+    assert transition.deliveries == (expected_delivery(cap, 1, routes.route_of("dev", 1)),)  # type: ignore[arg-type]
+    s = cap.vector_stats(1)
+    assert (s.delivered, s.coalesced, s.pending) == (1, 2, False)
+    assert s.delivered + s.coalesced + s.dropped + s.intx + s.cleared + s.pending == 3
+
+
+def test_undeliver_into_a_bit_already_pending_coalesces_everything() -> None:
+    cap, _ = ready(4)
+    cap.notify_many(0, 2)
+    cap.write_control(ENABLE | FUNCTION_MASK)
+    cap.notify(0)  # a count the hub read after the mask: pending
+    cap.undeliver(0, 2)
+    s = cap.vector_stats(0)
+    assert (s.delivered, s.coalesced, s.pending) == (0, 2, True)
+
+
+@pytest.mark.parametrize("control", [0, ENABLE | FUNCTION_MASK])
+def test_undeliver_after_a_function_mask_or_a_disable(control: int) -> None:
+    """Disabling MSI-X keeps the bit for a later enable, even with INTx (not converted)."""
+    cap, _ = ready(2, has_intx=True)
+    cap.notify(1)
+    cap.write_control(control)
+    cap.undeliver(1, 1)
+    assert (cap.pba_read(0, 8), cap.vector_stats(1).delivered) == (0b10, 0)
+    assert cap.write_control(ENABLE).deliveries[0].vector == 1
+
+
+def test_undeliver_for_a_vector_no_longer_used_withdraws_the_pending_bit_at_once() -> None:
+    cap, _ = ready(4)
+    cap.notify_many(2, 4)
+    cap.unuse(2)
+    cap.table_write(2 * 16 + 12, 4, 1)
+    cap.undeliver(2, 4)
+    s = cap.vector_stats(2)
+    assert (s.delivered, s.coalesced, s.cleared, s.pending) == (0, 3, 1, False)
+
+
+@pytest.mark.parametrize("count", [0, 3, -1, 1.0, True])
+def test_undeliver_more_than_delivered_or_a_bad_count_is_refused(count: object) -> None:
+    cap, routes = ready(4)
+    cap.notify_many(0, 2)
+    cap.table_write(12, 4, 1)
+    before = state(cap, routes)
+    with pytest.raises(MsixStateError):
+        cap.undeliver(0, count)  # type: ignore[arg-type]
+    with pytest.raises(MsixAccessError):
+        cap.undeliver(4, 1)
+    assert state(cap, routes) == before
+
+
+def test_undeliver_of_a_deliverable_vector_is_refused() -> None:
+    """Taken back only to be delivered again, it would be counted twice."""
+    cap, routes = ready(4)
+    cap.notify(0)
+    before = state(cap, routes)
+    with pytest.raises(MsixStateError, match="not masked"):
+        cap.undeliver(0, 1)
+    assert state(cap, routes) == before
+
+
 # -- mask and unmask ------------------------------------------------------------------------
 
 

@@ -6,6 +6,11 @@ used and masked; masked vectors never deliver; every notification is accounted e
 once (sent == delivered + coalesced + dropped + intx + cleared + pending); the route
 changes the hub would see, replayed, give exactly the routes the table reports, and never
 more than the budget.
+
+The machine also plays the hub's outbox: deliveries wait there, unsent, until a ``send``
+rule hands them to the VMM; when a write masks a vector, its unsent deliveries are taken
+back (``undeliver``) and become pending. Checked: a masked vector has nothing unsent, and
+``delivered`` is always what the VMM has received plus what is still unsent.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from msixhub.server.msix import (
     ENTRY_SIZE,
@@ -50,6 +55,8 @@ class Vector:
     dropped: int = 0
     intx: int = 0
     cleared: int = 0
+    unsent: int = 0  # delivered, waiting in the hub's outbox
+    received: int = 0  # delivered and sent to the VMM
 
 
 @dataclass
@@ -155,6 +162,9 @@ class MsixMachine(RuleBasedStateMachine):
                 vec.delivered += 1
                 expected.append(v)
         assert [d.vector for d in got.deliveries] == expected
+        for v in expected:
+            dev.vectors[v].unsent += 1
+        self.take_back(cap, dev, got.masked)
         routed = 0
         for delivery in got.deliveries:
             routed += self.check_delivery(cap, dev, delivery, protect=routed)
@@ -162,6 +172,30 @@ class MsixMachine(RuleBasedStateMachine):
         for delivery in got.deliveries:
             if delivery.route >= 0:
                 assert self.routes.route_of(cap.owner, delivery.vector) == delivery.route
+
+    @staticmethod
+    def take_back(cap: MsixCapability, dev: Device, masked: tuple[int, ...]) -> None:
+        """What the hub does with the outbox when ``masked`` were just masked."""
+        for v in masked:
+            vec = dev.vectors[v]
+            if not vec.unsent:
+                continue
+            cap.undeliver(v, vec.unsent)
+            vec.delivered -= vec.unsent
+            vec.coalesced += vec.unsent - (not vec.pending)
+            if not vec.pending:
+                if vec.used:
+                    vec.pending = True
+                else:
+                    vec.cleared += 1
+            vec.unsent = 0
+
+    @rule(d=DEVICE, v=VECTOR)
+    def send(self, d: int, v: int) -> None:
+        """The hub's drain task pops ``v``'s slot: from now on it is the VMM's."""
+        vec = self.devices[d].vectors[v % self.devices[d].n]
+        vec.received += vec.unsent
+        vec.unsent = 0
 
     # -- guest writes ------------------------------------------------------------------
 
@@ -223,6 +257,8 @@ class MsixMachine(RuleBasedStateMachine):
     @rule(d=DEVICE)
     def reset(self, d: int) -> None:
         cap, dev = self.caps[d], self.devices[d]
+        for v in range(dev.n):  # the hub never resets a device with deliveries unsent
+            self.send(d, v)
         before = [dev.masked(i) for i in range(dev.n)]
         got = cap.reset()
         dev.enabled = dev.function_masked = False
@@ -235,12 +271,16 @@ class MsixMachine(RuleBasedStateMachine):
 
     # -- device events -----------------------------------------------------------------
 
-    @rule(d=DEVICE, v=VECTOR, times=st.integers(1, 3))
-    def notify(self, d: int, v: int, times: int) -> None:
+    @rule(d=DEVICE, v=VECTOR, times=st.integers(1, 3), at_once=st.booleans())
+    def notify(self, d: int, v: int, times: int, at_once: bool) -> None:
+        """``times`` notifications, one by one or as one count (``notify_many``)."""
         cap, dev, v = self.pick(d, v)
         vec = dev.vectors[v]
-        for _ in range(times):
-            got = cap.notify(v)
+        outcomes = [cap.notify_many(v, times)] if at_once else [cap.notify(v) for _ in range(times)]
+        for i in range(times):
+            got = outcomes[min(i, len(outcomes) - 1)]
+            if at_once and i and got is Outcome.PENDING:
+                got = Outcome.COALESCED  # the rest of the count follows the first
             vec.sent += 1
             if not dev.enabled and dev.has_intx:
                 assert got is Outcome.INTX
@@ -255,13 +295,15 @@ class MsixMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(got, Delivery) and got.vector == v
                 vec.delivered += 1
-                self.check_delivery(cap, dev, got)
+                vec.unsent += 1
+                if not (at_once and i):  # a count takes its route once
+                    self.check_delivery(cap, dev, got)
 
     @rule(d=DEVICE, vectors=st.lists(VECTOR, min_size=2, max_size=8))
     def notify_several(self, d: int, vectors: list[int]) -> None:
         """A device signalling several queues in a row (what churns lazy routes)."""
         for v in vectors:
-            self.notify(d, v, 1)
+            self.notify(d, v, 1, False)
 
     @rule(d=DEVICE, v=VECTOR)
     def deassert(self, d: int, v: int) -> None:
@@ -353,6 +395,9 @@ class MsixMachine(RuleBasedStateMachine):
                     vec.cleared,
                 )
                 assert vec.sent == sum(counters) + vec.pending
+                assert vec.delivered == vec.received + vec.unsent
+                if dev.masked(v):
+                    assert not vec.unsent, "a masked vector has an Irq waiting to be sent"
 
     @invariant()
     def routes_replay_exactly(self) -> None:
@@ -388,3 +433,82 @@ class MsixMachine(RuleBasedStateMachine):
 
 MsixMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestMsixStateMachine = MsixMachine.TestCase
+
+
+# -- notify_many(v, n) is n calls of notify(v) --------------------------------------------------
+
+SCRIPT_STEP = st.one_of(
+    st.tuples(st.just("program"), DEVICE, VECTOR, st.booleans()),
+    st.tuples(st.just("mask"), DEVICE, VECTOR, st.booleans()),
+    st.tuples(st.just("control"), DEVICE, CONTROLS),
+    st.tuples(st.just("use"), DEVICE, VECTOR),
+    st.tuples(st.just("unuse"), DEVICE, VECTOR),
+    st.tuples(st.just("notify"), DEVICE, VECTOR),
+)
+
+
+def build_twin(
+    policy: str, budget: int, has_intx: bool, script: list[tuple[object, ...]]
+) -> tuple[RouteTable, list[MsixCapability]]:
+    """Two devices on one route table (the second one's routes are what a lazy eviction
+    takes), brought up as a driver does, then driven by ``script``; refusals are part of
+    the script's outcome."""
+    routes = RouteTable(policy, budget)
+    caps = [MsixCapability(4, routes, owner=f"dev{i}", has_intx=has_intx) for i in range(2)]
+    steps = [(kind, d, v, False) for d in range(2) for v in range(4) for kind in ("program", "use")]
+    for step in [*steps, ("control", 0, ENABLE), *script]:
+        kind, cap = step[0], caps[step[1]]  # type: ignore[index]
+        v = step[2] % 4 if len(step) > 2 and kind != "control" else 0  # type: ignore[operator]
+        try:
+            if kind == "program":
+                cap.table_write(v * ENTRY_SIZE, 8, 0xFEE0_0000 | v << 12)
+                cap.table_write(v * ENTRY_SIZE + 12, 4, int(step[3]))  # type: ignore[arg-type]
+            elif kind == "mask":
+                cap.table_write(v * ENTRY_SIZE + 12, 4, int(step[3]))  # type: ignore[arg-type]
+            elif kind == "control":
+                cap.write_control(step[2])  # type: ignore[arg-type]
+            elif kind == "use":
+                cap.use(v)
+            elif kind == "unuse":
+                cap.unuse(v)
+            else:
+                cap.notify(v)
+        except (NoRouteError, MsixStateError):
+            pass
+    return routes, caps
+
+
+def whole_state(routes: RouteTable, caps: list[MsixCapability]) -> object:
+    return (
+        [cap.snapshot() for cap in caps],
+        [[cap.vector_stats(v) for v in range(cap.num_vectors)] for cap in caps],
+        [cap.stats() for cap in caps],
+        routes.stats(),
+        routes.drain_changes(),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from(["static", "lazy", "direct"]),
+    budget=st.integers(0, 5),
+    has_intx=st.booleans(),
+    script=st.lists(SCRIPT_STEP, max_size=25),
+    v=st.integers(0, 3),
+    count=st.integers(1, 6),
+)
+def test_notify_many_ends_exactly_as_that_many_single_notifies(
+    policy: str, budget: int, has_intx: bool, script: list[tuple[object, ...]], v: int, count: int
+) -> None:
+    """State, every per-vector counter, the PBA, the route table (LRU evictions, failures,
+    direct deliveries, the changes the hub would drain) and the outcome: the first single
+    call's, the later ones following from it."""
+    singles_routes, singles = build_twin(policy, budget, has_intx, script)
+    many_routes, many = build_twin(policy, budget, has_intx, script)
+    assert whole_state(singles_routes, singles) == whole_state(many_routes, many)
+    outcomes = [singles[0].notify(v) for _ in range(count)]
+    first = many[0].notify_many(v, count)
+    assert first == outcomes[0]
+    follow = Outcome.COALESCED if first is Outcome.PENDING else first
+    assert outcomes[1:] == [follow] * (count - 1)
+    assert whole_state(singles_routes, singles) == whole_state(many_routes, many)

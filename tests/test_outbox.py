@@ -67,6 +67,44 @@ def test_only_control_notices_fill_it_and_a_refusal_changes_nothing() -> None:
     assert drain(outbox) == [(a, 100_001), Intx("dev0", True)]
 
 
+def test_a_retracted_slot_is_never_sent_and_takes_no_room() -> None:
+    outbox: Outbox[Key] = Outbox(3)
+    a, b = ("dev0", 0), ("dev0", 1)
+    assert outbox.post_irq(a, 3)
+    assert outbox.post(DeviceState("dev0", "down"))
+    assert outbox.post_irq(b)
+    assert outbox.retract(a) == 3
+    assert (len(outbox), outbox.unsent(a), outbox.retract(a)) == (2, 0, 0)
+    assert outbox.post_irq(a)  # the husk left room; a new slot, at the back
+    assert not outbox.post(Intx("dev0", False))
+    assert drain(outbox) == [DeviceState("dev0", "down"), (b, 1), (a, 1)]
+    assert len(outbox) == 0
+
+
+def test_a_popped_slot_is_on_its_way_and_cannot_be_retracted() -> None:
+    outbox: Outbox[Key] = Outbox(8)
+    a = ("dev0", 0)
+    outbox.post_irq(a, 2)
+    popped = outbox.pop()
+    assert outbox.retract(a) == 0
+    assert isinstance(popped, CoalescedIrq) and popped.count == 2
+
+
+def test_many_retractions_in_a_long_queue_keep_it_in_order_and_small() -> None:
+    outbox: Outbox[int] = Outbox(10_000)
+    for key in range(5000):
+        outbox.post_irq(key)
+    for key in range(0, 5000, 2):
+        assert outbox.retract(key) == 1
+    assert len(outbox) == 2500
+    assert len(outbox._items) <= 5000  # compacted as husks became half of it
+    keys = []
+    while (item := outbox.pop()) is not None:
+        assert isinstance(item, CoalescedIrq)
+        keys.append(item.key)
+    assert keys == list(range(1, 5000, 2))
+
+
 def test_an_outbox_without_room_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Outbox(0)
@@ -75,21 +113,35 @@ def test_an_outbox_without_room_is_refused() -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.one_of(st.integers(0, 3), st.just("pop")),
+        st.one_of(
+            st.integers(0, 3),
+            st.just("pop"),
+            st.tuples(st.just("retract"), st.integers(0, 3)),
+        ),
         max_size=60,
     )
 )
-def test_every_delivery_is_sent_exactly_once_in_first_delivery_order(
-    script: list[int | str],
+def test_every_delivery_is_sent_or_retracted_exactly_once_in_first_delivery_order(
+    script: list[int | str | tuple[str, int]],
 ) -> None:
-    """Against a model: per vector, the counts sent add up to the deliveries posted, and the
-    slots leave in the order a FIFO of first-unsent deliveries says."""
+    """Against a model: per vector, the counts sent plus the counts retracted add up to the
+    deliveries posted, and the slots leave in the order a FIFO of first-unsent deliveries
+    says, without the retracted ones."""
     outbox: Outbox[int] = Outbox(4096)
     posted = [0] * 4
     sent = [0] * 4
+    retracted = [0] * 4
     model: list[list[int]] = []  # [vector, count] per queued slot, in order
     for step in script:
-        if step == "pop":
+        if isinstance(step, tuple):
+            vector = step[1]
+            slot = next((s for s in model if s[0] == vector), None)
+            expected = slot[1] if slot is not None else 0
+            if slot is not None:
+                model.remove(slot)
+            assert outbox.retract(vector) == expected
+            retracted[vector] += expected
+        elif step == "pop":
             item = outbox.pop()
             if not model:
                 assert item is None
@@ -106,10 +158,11 @@ def test_every_delivery_is_sent_exactly_once_in_first_delivery_order(
                 model.append([step, 1])
             else:
                 slot[1] += 1
+        assert len(outbox) == len(model)
     while (item := outbox.pop()) is not None:
         assert isinstance(item, CoalescedIrq)
         sent[item.key] += item.count
-    assert sent == posted
+    assert [s + r for s, r in zip(sent, retracted, strict=True)] == posted
 
 
 def test_the_irq_carries_the_message_the_table_holds_when_it_is_sent() -> None:
