@@ -8,15 +8,20 @@ every vector unmasked. Then the timed loop, with the hub off the path:
 * a side rings: the guest's Doorbell write of ``peer << 16`` at BAR0 offset 12, which the
   VMM's vCPU loop hands to ``AttachedDevice.ioeventfd_write`` (what ``mmio_write`` tries
   first): a write of the ioeventfd the hub gave it, the other peer's vector 0 eventfd;
-* the other side waits for its interrupt on its irqfd for vector 0, as KVM would with the
-  irqfd in the kernel: a blocking wait (``epoll``: the fd is non-blocking, and that flag is
-  shared with the hub's copy), a read, and it rings back the same way.
+* the other side waits for its interrupt on its irqfd for vector 0 in one blocking read, as
+  an interrupt thread would (KVM takes an irqfd in the kernel, with no read at all): vector
+  eventfds are blocking files, which the hub and the client library read with RWF_NOWAIT.
+  It rings back the same way.
 
-So a round trip is the baseline's (two eventfd writes, two wake-ups) plus an ioeventfd lookup
-and an ``epoll_wait`` per wake-up. A second figure runs the same ping-pong through the VMM
+So a round trip is the baseline's (two eventfd writes, two wake-ups, two blocking reads) plus
+an ioeventfd lookup per ring. A second figure runs the same ping-pong through the VMM
 client's event queue (``VmmClient.next_event``, a trio reader per irqfd): the client library's
 cost. Its baseline is two trio processes bouncing a count through two eventfds, pinned the
 same way (``bench/trio_eventfd.py``): what any trio program pays for a wake-up.
+
+Each round, ping tells pong over a pipe how many round trips it will make, and a thread on
+each side (``_ExitWatch``) wakes its blocking read if the other side's process dies; neither
+is on the timed path.
 
 Pinning: as ``eventfd_pingpong(same_cpu=False)``: ping (the parent) on the first CPU we may
 use, pong (the child) on the second. The hub and the daemons start before the pinning, on
@@ -36,8 +41,8 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +52,7 @@ from msixhub.bench.report import Report
 from msixhub.bench.trio_eventfd import trio_pingpong
 from msixhub.client.vmm import AttachedDevice, Interrupt, PeerEvent, VmmClient, connect
 from msixhub.devices.ivshmem.regs import Doorbell, Register
-from msixhub.protocol.fds import OwnedFd, eventfd_read
+from msixhub.protocol.fds import OwnedFd, eventfd, eventfd_write
 from msixhub.testing.ivshmem import IvshmemGuest
 from msixhub.testing.processes import device_process, hub_process
 from msixhub.testing.system import hub_status
@@ -57,7 +62,8 @@ ROUNDS = 20
 QUEUE_ROUNDS = 5  # the queue figure runs after the others, in a quarter of the time
 PING, STOP = 0, 1  # vectors: a round trip, and "this phase is over"
 _WARMUP = 1000
-_BATCH = 200
+_BATCH = 200  # round trips between clock reads (the queue figure)
+_GONE = 1 << 32  # what a side's exit watch writes into its irqfd: no ring count comes near
 _DAEMON_ARGS = ("--name", "bench", "--size", "64K", "--vectors", "2")
 
 
@@ -126,10 +132,16 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
         ):
             guest = IvshmemGuest(await vm.attach("ping"))
             await guest.setup()
-            pong = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "msixhub.bench.ivshmem", hub.socket, str(pong_cpu)],
-                stdout=subprocess.PIPE,
-            )
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            to_pong = OwnedFd(write_end, "to-pong")
+            try:
+                pong = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "msixhub.bench.ivshmem", hub.socket, str(pong_cpu)],
+                    stdin=read_end,
+                    stdout=subprocess.PIPE,
+                )
+            finally:
+                os.close(read_end)
             pong_exit = OwnedFd(os.pidfd_open(pong.pid), "pong-pidfd")
             try:
                 assert pong.stdout is not None
@@ -137,17 +149,23 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                     ready = json.loads(await _read_line(pong.stdout))
                     other = await _other_peer(vm, await guest.position())
                 assert ready["peer_id"] == other
+                ping = _Side(guest.device, other, pong_exit.fileno())
                 ours, baseline = [], []
-                for _ in range(ROUNDS):
-                    baseline.append(eventfd_pingpong(per_round, same_cpu=False))
+                with ping.watching():
                     try:
                         os.sched_setaffinity(0, {ping_cpu})
-                        ours.append(
-                            await _ping_irqfd(guest.device, other, pong_exit.fileno(), per_round)
-                        )
+                        warm = _timed_round(ping, to_pong.fileno(), _WARMUP)
+                        round_trips = max(_WARMUP, round(per_round / warm))
                     finally:
                         os.sched_setaffinity(0, original)
-                await guest.ring(other, STOP)
+                    for _ in range(ROUNDS):
+                        baseline.append(eventfd_pingpong(per_round, same_cpu=False))
+                        try:
+                            os.sched_setaffinity(0, {ping_cpu})
+                            ours.append(_timed_round(ping, to_pong.fileno(), round_trips))
+                        finally:
+                            os.sched_setaffinity(0, original)
+                    os.write(to_pong.fileno(), b"0\n")  # phase 1 is over
                 queue_seconds = max(seconds, 0.05) / 4
                 try:
                     os.sched_setaffinity(0, {ping_cpu})
@@ -164,6 +182,7 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                     assert await pong.wait() == 0
             finally:
                 pong_exit.close()
+                to_pong.close()
                 if pong.returncode is None:
                     pong.kill()
                     await pong.wait()
@@ -175,8 +194,8 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
             relayed = sum(peer["relayed_doorbells"] for peer in domain["peers"])
     best = min(baseline, key=lambda b: b.round_trip_seconds)
     return Figures(
-        irqfd_round_trip=min(rt for rt, _ in ours),
-        irqfd_round_trips=sum(n for _, n in ours),
+        irqfd_round_trip=min(ours),
+        irqfd_round_trips=round_trips * ROUNDS,
         queue_round_trip=queue[0],
         queue_round_trips=queue[1],
         trio_baseline_round_trip=trio_baseline,
@@ -206,56 +225,83 @@ async def _other_peer(vm: VmmClient, own: int) -> int:
             return event.peer_id
 
 
-def _waiter(irqfd: int, other_side: int) -> select.epoll:
-    """An epoll set on ``irqfd`` that also wakes if the other side's process exits (a pidfd).
-    epoll, not ``poll``: its wait-queue entries are made once, not on every wait, so a wait
-    costs what a blocking read would (the irqfd is non-blocking: the hub shares its file).
-    No timeout: arming one costs a timer per wait (a VM exit, in a guest)."""
-    waiter = select.epoll()
-    waiter.register(irqfd, select.EPOLLIN)
-    waiter.register(other_side, select.EPOLLIN)
-    return waiter
+class _ExitWatch:
+    """Wakes a blocking read of ``irqfd`` if the process behind ``pidfd`` exits, by writing a
+    count no ring makes: a blocking read has no timeout and waits on one fd, so a thread waits
+    on the other side's pidfd for it, off the timed path (blocked in poll, it never takes the
+    GIL from the timed loop)."""
+
+    def __init__(self, pidfd: int, irqfd: int) -> None:
+        self._pidfd, self._irqfd = pidfd, irqfd
+        self._stop = eventfd()
+        self._thread = threading.Thread(target=self._watch, name="exit-watch", daemon=True)
+
+    def _watch(self) -> None:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        poller.register(self._stop.fileno(), select.POLLIN)
+        if any(fd == self._pidfd for fd, _ in poller.poll()):
+            eventfd_write(self._irqfd, _GONE)
+
+    def __enter__(self) -> _ExitWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        eventfd_write(self._stop.fileno())
+        self._thread.join()
+        self._stop.close()
 
 
-def _ring(write: Callable[[int, int, int, int], bool], doorbell: int) -> None:
-    """The guest's Doorbell write, as the VMM's vCPU loop handles it: by an ioeventfd."""
-    if not write(0, Register.DOORBELL, 4, doorbell):
-        raise RuntimeError(f"no ioeventfd for doorbell {doorbell:#x}: it would need the hub")
+class _Side:
+    """One side's timed loop: ring the other peer by ioeventfd (the VMM's vCPU loop hands the
+    guest's Doorbell write to ``ioeventfd_write``, as KVM matches an ioeventfd), and take
+    each interrupt in one blocking read of our irqfd."""
 
+    def __init__(self, device: AttachedDevice, other: int, other_exit: int) -> None:
+        self.irqfd = device.irq_fds[PING].fileno()
+        self._write = device.ioeventfd_write
+        self._doorbell = Doorbell(other, PING).encode()
+        self._other_exit = other_exit
 
-def _wait(waiter: select.epoll, irqfd: int) -> None:
-    """Block until ``irqfd`` is rung; consume the count (the interrupt is taken)."""
-    for fd, _ in waiter.poll():
-        if fd == irqfd:
-            eventfd_read(irqfd)
-            return
-    raise RuntimeError("the other side exited")
+    def watching(self) -> _ExitWatch:
+        return _ExitWatch(self._other_exit, self.irqfd)
 
-
-async def _ping_irqfd(
-    device: AttachedDevice, other: int, pong: int, seconds: float
-) -> tuple[float, int]:
-    """The timed loop. It blocks in ``epoll_wait``, so trio does not run meanwhile: nothing else
-    reads our irqfd."""
-    fd = device.irq_fds[PING].fileno()
-    ring = Doorbell(other, PING).encode()
-    write = device.ioeventfd_write
-    with _waiter(fd, pong) as waiter:
-        for _ in range(_WARMUP):
-            _ring(write, ring)
-            _wait(waiter, fd)
-        round_trips = 0
+    def ping(self, round_trips: int) -> float:
+        """Ring, then wait for the answer, ``round_trips`` times: seconds per round trip."""
+        write, doorbell, irqfd, read = self._write, self._doorbell, self.irqfd, os.eventfd_read
         start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            for _ in range(_BATCH):
-                _ring(write, ring)
-                _wait(waiter, fd)
-            round_trips += _BATCH
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-    return (now - start) / round_trips, round_trips
+        for _ in range(round_trips):
+            if not write(0, Register.DOORBELL, 4, doorbell):
+                raise _NoIoeventfd()
+            if (rung := read(irqfd)) != 1:
+                raise _unexpected(rung)
+        return (time.perf_counter() - start) / round_trips
+
+    def pong(self, round_trips: int) -> None:
+        """Wait for a ring, then answer it, ``round_trips`` times."""
+        write, doorbell, irqfd, read = self._write, self._doorbell, self.irqfd, os.eventfd_read
+        for _ in range(round_trips):
+            if (rung := read(irqfd)) != 1:
+                raise _unexpected(rung)
+            if not write(0, Register.DOORBELL, 4, doorbell):
+                raise _NoIoeventfd()
+
+
+class _NoIoeventfd(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("no ioeventfd for the doorbell: it would need the hub")
+
+
+def _unexpected(rung: int) -> RuntimeError:
+    if rung >= _GONE:
+        return RuntimeError("the other side exited")
+    return RuntimeError(f"rung {rung} times at once: a ring is answered before the next")
+
+
+def _timed_round(ping: _Side, to_pong: int, round_trips: int) -> float:
+    os.write(to_pong, b"%d\n" % round_trips)  # pong answers exactly that many
+    return ping.ping(round_trips)
 
 
 async def _ping_queue(
@@ -296,25 +342,14 @@ async def _pong(socket_path: str) -> None:
         own = await guest.position()
         other = await _other_peer(vm, own)
         print(json.dumps({"peer_id": own}), flush=True)
-        device = guest.device
-        ring = Doorbell(other, PING).encode()
-        # Phase 1: block on the irqfds, ring back by ioeventfd, until STOP.
-        ping_fd, stop_fd = device.irq_fds[PING].fileno(), device.irq_fds[STOP].fileno()
-        with (
-            OwnedFd(os.pidfd_open(os.getppid())) as ping_exit,
-            _waiter(ping_fd, ping_exit.fileno()) as waiter,
-        ):
-            waiter.register(stop_fd, select.EPOLLIN)
-            write = device.ioeventfd_write
-            while True:
-                ready = [fd for fd, _ in waiter.poll()]
-                if stop_fd in ready:
-                    eventfd_read(stop_fd)
-                    break
-                if ping_fd not in ready:
-                    raise RuntimeError("pong: the ping side exited")
-                eventfd_read(ping_fd)
-                _ring(write, ring)
+        # Phase 1: as many round trips as ping says, blocking in reads of the irqfd.
+        with OwnedFd(os.pidfd_open(os.getppid())) as ping_exit:
+            side = _Side(guest.device, other, ping_exit.fileno())
+            with side.watching():
+                while round_trips := int(sys.stdin.buffer.readline() or -1):
+                    if round_trips < 0:
+                        raise RuntimeError("pong: the ping side exited")
+                    side.pong(round_trips)
         # Phase 2: the same through the client's event queue.
         with trio.fail_after(3600):
             while True:
@@ -322,7 +357,7 @@ async def _pong(socket_path: str) -> None:
                 if isinstance(event, Interrupt):
                     if event.vector == STOP:
                         return
-                    await device.mmio_write(0, Register.DOORBELL, 4, ring)
+                    await guest.ring(other, PING)
 
 
 if __name__ == "__main__":

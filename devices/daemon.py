@@ -23,7 +23,7 @@ from typing import Protocol
 import trio
 from msixhub.protocol.connection import Notice, Request
 from msixhub.protocol.errors import ConnectionClosed, ErrorCode, MessageError, RemoteError
-from msixhub.protocol.fds import OwnedFd, close_all, eventfd_read, eventfd_write
+from msixhub.protocol.fds import NowaitReader, OwnedFd, close_all, eventfd_write
 from msixhub.protocol.messages import (
     BarRead,
     BarWrite,
@@ -189,15 +189,17 @@ class HubLink:
         self.nursery.start_soon(self._read_kicks, queue, fd, scope)
 
     async def _read_kicks(self, queue: int, fd: OwnedFd, scope: trio.CancelScope) -> None:
+        """A count left from before a restart makes the fd readable at once: a kick is never
+        lost. The read cannot block: the VMM holds the file too, and may clear O_NONBLOCK or
+        take the count this reader woke for. The fd is closed only after this is cancelled."""
+        number, read = fd.fileno(), NowaitReader().read
+        wait_readable, kicked = trio.lowlevel.wait_readable, self.model.kicked
         with scope:
             try:
                 while True:
-                    # A count left from before a restart makes the fd readable at once: a
-                    # kick is never lost. Read only when readable: the VMM can clear the fd's
-                    # O_NONBLOCK (the flag is the file's), and an empty read would then block.
-                    await trio.lowlevel.wait_readable(fd.fileno())
-                    if eventfd_read(fd.fileno()):
-                        await self.model.kicked(queue)
+                    await wait_readable(number)
+                    if read(number):
+                        await kicked(queue)
             except trio.ClosedResourceError:
                 return
 
