@@ -135,7 +135,10 @@ class DomainHooks(Protocol):
 
 
 class EventfdHooks:
-    """No hub: each vector is a plain eventfd that peers write and its owner reads."""
+    """No hub: each vector is a plain eventfd that peers write and its owner reads.
+    Non-blocking, as QEMU's contrib server makes them: under KVM, QEMU reads its own vectors'
+    eventfds without waiting for them when the guest reads the PBA (``ivshmem_vector_poll``),
+    and a blocking one would stop QEMU there."""
 
     def vector_fds(self, domain: IvshmemDomain, peer_id: int) -> list[OwnedFd]:
         fds: list[OwnedFd] = []
