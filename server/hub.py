@@ -195,7 +195,9 @@ class Hub:
 
     async def _drain_outbox(self, vmm: Vmm) -> None:
         """Send what the outbox holds, in order, until the connection closes. Each send is a
-        checkpoint: deliveries made meanwhile merge into the slots still queued."""
+        checkpoint: deliveries made meanwhile merge into the slots still queued, and a mask
+        meanwhile takes back those of its vectors (an Irq popped is sent: see
+        ``_take_back_unsent``)."""
         outbox = vmm.outbox
         while True:
             item = outbox.pop()
@@ -205,7 +207,9 @@ class Hub:
             if isinstance(item, CoalescedIrq):
                 device, vector = item.key
                 if device.vmm is not vmm:
-                    continue  # released meanwhile: its table may be another guest's now
+                    # Not expected (a release takes every unsent delivery back first), but
+                    # sending it would read a table that may be another guest's now.
+                    continue
                 item = _irq(device, vector, item.count)
             try:
                 await vmm.peer.notify(item)
@@ -221,7 +225,7 @@ class Hub:
             self._stopped_reading(vmm)
 
     def _stopped_reading(self, vmm: Vmm) -> None:
-        """Its outbox is full of control notices (interrupts take one slot per vector)."""
+        """Its outbox is full of control notices (interrupts never fill it)."""
         vmm.stopped_reading = True
         log.warning("VMM %s is not reading its notices; disconnecting it", vmm.name)
         self._nursery.start_soon(vmm.peer.aclose, "outbox full: VMM stopped reading")
@@ -248,7 +252,8 @@ class Hub:
         if isinstance(body, Notify):
             self._check_vector(device, body.vector)
             self._handle_outcome(device, body.vector, device.msix.notify(body.vector))
-            self._wake_route_worker()
+            if self.routes.has_changes:
+                self._wake_route_worker()
         elif isinstance(body, SetIntx):
             self._set_intx(device, body.level)
 
@@ -264,22 +269,26 @@ class Hub:
     # --- the interrupt path (synchronous: never awaits) ------------------------------------
 
     def _on_counts(self, device: Device, vector: int, count: int) -> None:
-        """Counts read from a vector's eventfd by the hub (the vector was masked)."""
-        notify = device.msix.notify
-        for _ in range(count):
-            self._handle_outcome(device, vector, notify(vector))
-        self._wake_route_worker()
+        """A count read from a vector's eventfd by the hub (masked, or its VMM is on the
+        message path): ``count`` notifications, taken by the model in one step."""
+        self._handle_outcome(device, vector, device.msix.notify_many(vector, count), count)
+        if self.routes.has_changes:
+            self._wake_route_worker()
 
-    def _handle_outcome(self, device: Device, vector: int, outcome: Delivery | Outcome) -> None:
+    def _handle_outcome(
+        self, device: Device, vector: int, outcome: Delivery | Outcome, count: int = 1
+    ) -> None:
+        """Act on ``count`` notifications of ``vector`` whose outcome was ``outcome`` (INTx is a
+        level, and an ivshmem ring coalesces while one is on its way: raised once for all)."""
         if isinstance(outcome, Delivery):
-            self._deliver(device, outcome)
+            self._deliver(device, outcome, count)
         elif outcome is Outcome.INTX:
             if device.info.shared_memory:
                 self.ivshmem.raise_intx(device, vector)  # ivshmem: IntrStatus is the daemon's
             else:
                 self._set_intx(device, True)
 
-    def _deliver(self, device: Device, delivery: Delivery) -> None:
+    def _deliver(self, device: Device, delivery: Delivery, count: int = 1) -> None:
         """A delivery the hub makes (a pending bit on unmask, a count it read from an unmasked
         vector's eventfd, the direct path) goes to the VMM by message, never into the vector's
         eventfd: the hub reads that eventfd again as soon as the vector is masked, and a count
@@ -292,14 +301,38 @@ class Hub:
         to the VMM, which accounts ``count`` notifications, as it does a count read from an
         eventfd -- unlike a notification merged into a pending bit, which the VMM never sees.
         So ``sent == delivered + coalesced + dropped + intx + cleared + pending`` holds as
-        before, and the VMM's sum of counts equals ``delivered`` once the outbox is sent."""
+        before, and the VMM's sum of counts equals ``delivered`` once the outbox is sent.
+
+        Until it is popped to be sent, the slot can be taken back (``_take_back_unsent``):
+        see there for where the line between "sent" and "not sent" is drawn. The outbox never
+        refuses a delivery, and a VMM that has gone or is being disconnected still gets it:
+        its departure releases the device, which takes every unsent one back into pending,
+        for the next VMM. (A device without a VMM is function-masked: nothing to deliver.)"""
         vmm = device.vmm
-        if vmm is None or not vmm.peer.is_open or vmm.stopped_reading:
-            return
-        if vmm.outbox.post_irq((device, delivery.vector)):
+        if vmm is not None:
+            vmm.outbox.post_irq((device, delivery.vector), count)
             vmm.outbox_ready.unpark()
-        else:
-            self._stopped_reading(vmm)
+
+    def _take_back_unsent(self, device: Device, vmm: Vmm, vectors: Iterable[int]) -> None:
+        """``vectors`` of ``device`` were just masked: the deliveries to them still unsent in
+        ``vmm``'s outbox are taken back and become pending (``MsixCapability.undeliver``),
+        so the VMM never receives an interrupt for a vector masked when the hub sent it,
+        and the unmask delivers it once, like any pending vector.
+
+        Where the line is: an Irq is sent the moment the outbox's drain task pops it
+        (synchronously, with the table's address and data at that moment). One popped
+        before the hub applied the mask -- in the middle of being written to the socket --
+        is in flight, like an MSI write the function issued before the mask took effect: it
+        stays ``delivered`` and the VMM receives it although its guest has masked the vector
+        locally (the VMM applies a mask at once, then tells the hub). One still in the
+        outbox when the hub applies the mask has not left the function: it is taken back.
+        Called synchronously with the model's transition, so nothing is popped in between."""
+        outbox = vmm.outbox
+        undeliver = device.msix.undeliver
+        for vector in vectors:
+            count = outbox.retract((device, vector))
+            if count:
+                undeliver(vector, count)
 
     def _set_intx(self, device: Device, level: bool) -> None:
         if device.intx_level != level:
@@ -307,6 +340,11 @@ class Hub:
             self._post(device.vmm, Intx(device.id, level))
 
     async def _apply_transition(self, device: Device, transition: Transition) -> None:
+        """Hand the readers of the vectors ``transition`` changed over, and deliver what it
+        delivered. Call it as soon as the model returned ``transition``: it takes back the
+        masked vectors' unsent deliveries before its first checkpoint."""
+        if transition.masked and device.vmm is not None:
+            self._take_back_unsent(device, device.vmm, transition.masked)
         channels = device.channels
         for vector in transition.masked:
             channels.start_reading(vector)
@@ -584,10 +622,14 @@ class Hub:
             async with device.lock:
                 if device.vmm is not vmm:
                     return  # released already (a detach and the VMM's departure)
-                vmm.devices.pop(device.id, None)
-                device.vmm = None
+                # Still this VMM's while the hub reads the last counts and masks the function:
+                # deliveries among those counts, and every other one still unsent, go back
+                # to pending (for the next VMM) instead of to nobody, counted delivered.
                 device.channels.drain_all()
                 transition = device.msix.write_control(device.msix.control | FUNCTION_MASK)
+                self._take_back_unsent(device, vmm, transition.masked)
+                vmm.devices.pop(device.id, None)
+                device.vmm = None
                 await self._apply_transition(device, transition)
                 await self._tell_device(device, SetMemTable([]))
                 await self.ivshmem.detached(device)

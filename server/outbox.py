@@ -8,7 +8,10 @@ than the VMM reads costs a counter, not memory. Interrupts the hub delivers by m
 direct path, a pending vector delivered on unmask, a count the hub read) get the same: the
 first delivery to a vector puts one slot in the queue, later ones before it is sent only add
 to its count, and the slot is sent as one ``Irq(..., count)``. The queue thus holds at most
-one interrupt per vector, and can fill only with control notices (INTx, device state).
+one interrupt per vector, and can fill only with control notices (INTx, device state): the
+limit counts notices alone, and an interrupt is never refused, as an eventfd write is not
+(its slots are bounded by the vectors anyway). A delivery the model has counted always has
+a place to go, to be sent or taken back.
 
 Order: a slot keeps the place of the first delivery it carries; a delivery made after the
 slot was popped opens a new slot at the back.
@@ -16,8 +19,8 @@ slot was popped opens a new slot at the back.
 Retraction: a slot not yet popped can be taken back whole (``retract``: the guest masked its
 vector, and what has not left the hub must become pending instead). A popped slot is on its
 way and cannot be. A retracted slot stays in the queue as an empty husk that ``pop`` skips
-and that takes no room (the queue is compacted once husks are half of it), so taking a slot
-back costs O(1) whatever its place in a long queue.
+(the queue is compacted once husks are half of it), so taking a slot back costs O(1)
+whatever its place in a long queue.
 """
 
 from __future__ import annotations
@@ -47,38 +50,38 @@ class CoalescedIrq(Generic[K]):
 
 
 class Outbox(Generic[K]):
-    """At most ``limit`` items: notices, and one :class:`CoalescedIrq` per vector."""
+    """At most ``limit`` notices, and one :class:`CoalescedIrq` per vector."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
-            raise ValueError(f"an outbox needs room for at least one item, not {limit}")
+            raise ValueError(f"an outbox needs room for at least one notice, not {limit}")
         self.limit = limit
         self._items: deque[Message | CoalescedIrq[K]] = deque()
         self._unsent: dict[K, CoalescedIrq[K]] = {}
+        self._notices = 0  # Messages in _items
         self._husks = 0  # retracted slots still in _items
 
     def __len__(self) -> int:
+        """Items waiting: notices and unsent interrupt slots."""
         return len(self._items) - self._husks
 
     def post(self, message: Message) -> bool:
-        """Queue ``message``; False (and nothing queued) when the outbox is full."""
-        if len(self._items) - self._husks >= self.limit:
+        """Queue ``message``; False (and nothing queued) when ``limit`` notices wait already."""
+        if self._notices >= self.limit:
             return False
         self._items.append(message)
+        self._notices += 1
         return True
 
-    def post_irq(self, key: K, count: int = 1) -> bool:
+    def post_irq(self, key: K, count: int = 1) -> None:
         """``count`` more deliveries to the vector ``key``: merged into its unsent slot if there
-        is one, else a new slot; False (and nothing changed) when that needs room there is not."""
+        is one, else a new slot at the back."""
         slot = self._unsent.get(key)
         if slot is not None:
             slot.count += count
-            return True
-        if len(self._items) - self._husks >= self.limit:
-            return False
+            return
         slot = self._unsent[key] = CoalescedIrq(key, count)
         self._items.append(slot)
-        return True
 
     def retract(self, key: K) -> int:
         """Take back the unsent slot of ``key``; the deliveries it carried (0: none unsent).
@@ -109,6 +112,8 @@ class Outbox(Generic[K]):
                     self._husks -= 1
                     continue
                 del self._unsent[item.key]
+            else:
+                self._notices -= 1
             return item
         return None
 

@@ -20,7 +20,6 @@ from msixhub.protocol.connection import Notice
 from msixhub.protocol.messages import Intx
 from msixhub.protocol.peer import Peer
 from msixhub.server import hub as hub_module
-from msixhub.server.msix import Delivery
 from msixhub.testing.inprocess import inprocess_hub, inprocess_testdev
 from msixhub.testing.system import Testdev, next_interrupt, running_system
 
@@ -110,9 +109,9 @@ async def test_a_vmm_that_stops_reading_is_not_disconnected_and_loses_nothing(
 async def test_only_control_notices_fill_the_outbox_and_then_the_vmm_is_disconnected_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """In process, with a three-slot outbox, posting with nothing sent in between: any
-    number of deliveries to two vectors takes two slots; the second control notice past the
-    third slot disconnects the VMM, once."""
+    """In process, with room for three notices, posting with nothing sent in between: any
+    number of deliveries to two vectors takes two slots and no room; the fourth control
+    notice disconnects the VMM, once, and a delivery meanwhile is still taken."""
     monkeypatch.setattr(hub_module, "OUTBOX_SIZE", 3)
     async with (
         inprocess_hub(tmp_path / "hub.sock", route_policy="direct") as server,
@@ -126,14 +125,16 @@ async def test_only_control_notices_fill_the_outbox_and_then_the_vmm_is_disconne
                 device = hub.devices["dev0"]
                 for _ in range(1000):
                     for vector in range(2):
-                        hub._deliver(device, Delivery(vector, 0, 0, -1))
-                hub._post(vmm, Intx("dev0", True))
-                assert (len(vmm.outbox), vmm.stopped_reading) == (3, False)
+                        hub._on_counts(device, vector, 1)  # the model delivers: unmasked
+                for level in (True, False, True):
+                    hub._post(vmm, Intx("dev0", level))
+                assert (len(vmm.outbox), vmm.stopped_reading) == (5, False)
                 assert vmm.outbox.unsent((device, 0)) == 1000
                 with caplog.at_level(logging.WARNING, "msixhub.hub"):
                     hub._post(vmm, Intx("dev0", False))
                     hub._post(vmm, Intx("dev0", True))
-                    hub._deliver(device, Delivery(0, 0, 0, -1))
+                    hub._on_counts(device, 0, 1)
+                    assert vmm.outbox.unsent((device, 0)) == 1001
                     await vm.peer.closed.wait()
                 assert vmm.stopped_reading
                 assert caplog.text.count("not reading its notices") == 1
