@@ -114,7 +114,9 @@ class VirtioDaemon:
         )
         self.transport.set_msix_enabled(self.hub.msix_enabled)
         nursery = self.hub.nursery
-        self._queues = [_QueueWorker(self, index) for index in range(self.device.num_queues)]
+        self._queues = [
+            _QueueWorker(self, self.transport, index) for index in range(self.device.num_queues)
+        ]
         for worker in self._queues:
             nursery.start_soon(worker.run)
         self.transport.resume()  # re-queues unfinished requests, kicks live queues
@@ -203,7 +205,12 @@ class VirtioDaemon:
             self._idle.set()
 
     def close(self) -> None:
-        self.memory.close()
+        """After the queue workers stopped: let go of guest memory (what was taken and not
+        completed stays logged in the state region, for the next daemon)."""
+        if self.transport is not None:
+            self.transport.close()
+        if not self.memory.close():
+            log.warning("guest memory still pinned by a view at close")
         if self._state_fd is not None:
             self._state_fd.close()
 
@@ -217,16 +224,23 @@ class _QueueWorker:
     ``BATCH`` requests (where the worker also lets other tasks run) or ``SIGNAL_BYTES`` of
     data (so large requests, tens of microseconds of copying each, are not all held back
     for a whole batch; signalling each one was measured slower at QD16 on a loaded machine,
-    where every interrupt costs the VMM a wakeup), and before it waits for a thread slot. So a completion waits at most one batch of inline requests (tens of
-    microseconds) for its interrupt, and the driver, which harvests everything the used ring
-    holds per interrupt, takes one interrupt per batch instead of one per request. A batch
+    where every interrupt costs the VMM a wakeup), and before it waits for a thread slot.
+    So a completion waits at most one batch of inline requests (tens of microseconds) for
+    its interrupt, and the driver, which harvests everything the used ring holds per
+    interrupt, takes one interrupt per batch instead of one per request. A batch
     of half a deep queue lets the two sides overlap: the driver refills what it was given
     while the device works through the rest, instead of each waiting for the other's whole
     turn (measured at QD32 against 8 and 32, noisily: 16 was never worse).
+
+    Stopping: the worker is cancelled with the daemon. A request popped and not completed
+    (handed over by a kick, waiting for a slot, or its thread not started) is abandoned:
+    its views of guest memory are released and its head stays taken in the in-flight log,
+    so the next daemon runs it. A thread already running is waited for and completes.
     """
 
-    def __init__(self, daemon: VirtioDaemon, index: int) -> None:
+    def __init__(self, daemon: VirtioDaemon, transport: VirtioPciTransport, index: int) -> None:
         self.daemon = daemon
+        self.transport = transport
         self.index = index
         self._wakeup = trio.Event()
         self._idle = False  # True while the worker task waits for a wakeup with nothing held
@@ -239,17 +253,57 @@ class _QueueWorker:
         self._wakeup.set()
 
     def serve_kick(self) -> None:
-        """Serve a kick synchronously in the caller's task when the worker is idle: run up
-        to ``BATCH`` requests inline and signal them; a request that needs a thread, or a
-        longer stream, is left to the worker (woken). Nothing here awaits, so nothing popped
-        can be abandoned by a cancelled caller."""
+        """Serve a kick synchronously in the caller's task when the worker is idle: one
+        inline batch; a request that needs a thread, or a longer stream, is left to the
+        worker (woken). Nothing here awaits, so nothing popped can be abandoned by a
+        cancelled caller."""
         if not self._idle:
             self.wake()
             return
-        transport = self.daemon.transport
-        assert transport is not None
+        needs_thread, full = self._run_inline_batch()
+        if needs_thread is not None or full:
+            self._handed = needs_thread
+            self.wake()
+        else:
+            self._log_stop()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as requests:
+                while True:
+                    self._idle = True
+                    await self._wakeup.wait()
+                    self._idle = False
+                    self._wakeup = trio.Event()
+                    handed, self._handed = self._handed, None
+                    if handed is not None:  # serve_kick tried it inline already
+                        await self._start_in_thread(requests, handed)
+                    while True:
+                        needs_thread, full = self._run_inline_batch()
+                        if needs_thread is not None:
+                            await self._start_in_thread(requests, needs_thread)
+                        elif full:  # a long stream lets other tasks run
+                            await trio.lowlevel.checkpoint()
+                        else:
+                            break
+                    self._log_stop()
+        finally:
+            # Stopped (the daemon is going away): a kick that comes later must not pop a
+            # request for a worker that will never take it.
+            self._idle = False
+            if self._handed is not None:
+                self.transport.abandon(self._handed)
+                self._handed = None
+
+    def _run_inline_batch(self) -> tuple[Request | None, bool]:
+        """Pop and run up to ``BATCH`` requests inline, completing each on the used ring
+        and signalling them once at the end (and every ``SIGNAL_BYTES`` of data). Stops at
+        the first request that cannot run inline and returns it, popped, for a thread;
+        the flag says the batch was full (more requests may be waiting)."""
+        transport = self.transport
         index, pop, complete = self.index, transport.pop, transport.complete
         served = unsignalled_bytes = 0
+        needs_thread = None
         while served < BATCH:
             request = pop(index)
             if request is None:
@@ -257,66 +311,33 @@ class _QueueWorker:
             work = request.work
             written = work.execute_nowait() if work.blocking else work.execute()
             if written is None:
-                self._handed = request
+                needs_thread = request
                 break
             complete(request, written, notify=False)
             served += 1
             unsignalled_bytes += written
             if unsignalled_bytes >= SIGNAL_BYTES:
                 unsignalled_bytes = 0
-                transport.notify_used(index)
+                transport.notify_used(index)  # later ones find nothing new to signal
         if served:
             transport.notify_used(index)
-        if served == BATCH or self._handed is not None:
-            self.wake()
-        else:
-            self._log_stop(transport)
+        return needs_thread, served == BATCH
 
-    async def run(self) -> None:
-        transport = self.daemon.transport
-        assert transport is not None
-        index = self.index
-        pop, complete, notify_used = transport.pop, transport.complete, transport.notify_used
-        async with trio.open_nursery() as requests:
-            while True:
-                self._idle = True
-                await self._wakeup.wait()
-                self._idle = False
-                self._wakeup = trio.Event()
-                handed, self._handed = self._handed, None
-                if handed is not None:  # serve_kick tried it inline already
-                    await self._slots.acquire()
-                    self.daemon._started()
-                    requests.start_soon(self._execute_in_thread, handed)
-                unsignalled = unsignalled_bytes = 0
-                while (request := pop(index)) is not None:
-                    work = request.work
-                    written = work.execute_nowait() if work.blocking else work.execute()
-                    if written is not None:
-                        complete(request, written, notify=False)
-                        unsignalled += 1
-                        unsignalled_bytes += written
-                        if unsignalled_bytes >= SIGNAL_BYTES:
-                            unsignalled_bytes = 0
-                            notify_used(index)  # later ones find nothing new to signal
-                        if unsignalled == BATCH:  # a long stream lets other tasks run
-                            unsignalled = unsignalled_bytes = 0
-                            notify_used(index)
-                            await trio.lowlevel.checkpoint()
-                        continue
-                    if unsignalled:
-                        unsignalled = 0
-                        notify_used(index)
-                    await self._slots.acquire()
-                    self.daemon._started()
-                    requests.start_soon(self._execute_in_thread, request)
-                if unsignalled:
-                    notify_used(index)
-                self._log_stop(transport)
+    async def _start_in_thread(self, requests: trio.Nursery, request: Request) -> None:
+        """Start ``request`` in a worker thread once one of the ``MAX_IN_FLIGHT`` slots is
+        free. A cancel while waiting (the daemon stops) abandons it, logged as taken, so
+        the next daemon runs it."""
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self.transport.abandon(request)
+            raise
+        self.daemon._started()
+        requests.start_soon(self._execute_in_thread, request)
 
-    def _log_stop(self, transport: VirtioPciTransport) -> None:
+    def _log_stop(self) -> None:
         """Say once why the guest made this queue stop (it waits for a reset)."""
-        error = transport.queue_error(self.index)
+        error = self.transport.queue_error(self.index)
         if error is not None and error != self._logged_error:
             log.warning("queue %d stopped: %s (device needs reset)", self.index, error)
         self._logged_error = error
@@ -324,9 +345,11 @@ class _QueueWorker:
     async def _execute_in_thread(self, request: Request) -> None:
         try:
             written = await trio.to_thread.run_sync(request.execute)
-            transport = self.daemon.transport
-            assert transport is not None
-            transport.complete(request, written)
+        except BaseException:  # cancelled before the thread started: the daemon stops
+            self.transport.abandon(request)
+            raise
+        else:
+            self.transport.complete(request, written)
         finally:
             self._slots.release()
             self.daemon._finished()

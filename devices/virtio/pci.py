@@ -732,6 +732,22 @@ class VirtioPciTransport:
         finally:
             chain.release()
 
+    def abandon(self, request: Request) -> None:
+        """Let go of a popped request without completing it (the daemon is stopping): its
+        head stays taken in the in-flight log, so the next daemon runs it again."""
+        request.work.chain.release()
+
+    def close(self) -> None:
+        """The daemon is stopping: release every view of guest memory held here (rings,
+        requests recovered and not yet popped). The state region is left as it is."""
+        for q in self._queues:
+            for request in q.resubmit:
+                request.work.chain.release()
+            q.resubmit.clear()
+            if q.ring is not None:
+                q.ring.close()
+                q.ring = None
+
     def notify_used(self, queue: int) -> None:
         """Interrupt the driver if it wants one for what ``queue`` completed since the last
         check (the event-idx rule spans the whole batch)."""
