@@ -197,6 +197,57 @@ def test_kill_at_every_line_completes_each_request_exactly_once() -> None:
         guest.memory.close()
 
 
+def test_a_kill_at_every_line_of_a_reset_save_restores_the_old_registers_or_a_reset() -> None:
+    """A reset rewrites every register: a kill part way must not restore a mix (a queue
+    still enabled at old addresses under status 0). Registers saved whole restore as they
+    are, status 0 or not; a region with ``reset_pending`` restores as a reset device."""
+    live = TransportState(
+        driver_features=1 << 32,
+        config_msix_vector=0,
+        status=0x0F,
+        config_generation=3,
+        queue_select=1,
+        queues=[
+            QueueRegisters(64, 1, True, False, 0x1000, 0x2000, 0x3000),
+            QueueRegisters(32, 2, True, False, 0x4000, 0x5000, 0x6000),
+        ],
+    )
+    reset = TransportState(config_generation=3, queues=[QueueRegisters(size=64)] * 2)
+    size = DeviceStateRegion.size_for(2, 64)
+
+    def saved_live() -> bytearray:
+        buffer = bytearray(size)
+        DeviceStateRegion(buffer, 2, 64).save(live)
+        return buffer
+
+    probe = saved_live()
+    total = run_with_kill(lambda: DeviceStateRegion(probe, 2, 64).save(reset, reset=True), None)
+    assert DeviceStateRegion(probe, 2, 64).load() == reset
+    restored_as = Counter[str]()
+    for kill_at in range(1, total + 1):
+        buffer = saved_live()
+        with pytest.raises(SimulatedKill):
+            run_with_kill(
+                lambda: DeviceStateRegion(buffer, 2, 64).save(reset, reset=True),  # noqa: B023
+                kill_at,
+            )
+        region = DeviceStateRegion(buffer, 2, 64)
+        if region.reset_pending:
+            assert region.load().config_generation == 3, kill_at
+            restored_as["reset"] += 1
+        else:
+            assert region.load() == live, kill_at
+            restored_as["live"] += 1
+    assert restored_as["reset"] >= 3  # kills between the flag and each record
+
+
+def test_a_blank_region_restores_as_a_reset_device() -> None:
+    region = DeviceStateRegion(bytearray(DeviceStateRegion.size_for(1, 64)), 1, 64)
+    assert region.reset_pending  # queue sizes there are 0, not the device's maximum
+    region.save(TransportState(queues=[QueueRegisters(size=64)]))
+    assert not region.reset_pending
+
+
 def test_recovery_ignores_a_guest_that_rewrote_its_used_idx(guest_fd: OwnedFd) -> None:
     guest = Guest(guest_fd, bytearray(DeviceStateRegion.size_for(1, SIZE)))
     ring, _ = start_ring(guest)

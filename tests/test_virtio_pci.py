@@ -24,6 +24,7 @@ from msixhub.devices.virtio.constants import (
 )
 from msixhub.devices.virtio.inflight import DeviceStateRegion
 from msixhub.devices.virtio.pci import (
+    COMMON_CFG,
     BarAccessError,
     BarLayout,
     CapType,
@@ -326,6 +327,38 @@ async def test_a_kill_inside_a_reset_is_reconciled_with_the_hub() -> None:
         assert second.vector_uses() == {} and sum(book.uses.values()) == 1
         await second.reconcile_vectors(dict(book.uses))
         assert book.uses == {}
+
+
+async def test_registers_written_while_status_is_0_survive_a_restart() -> None:
+    """After its reset a driver may write registers before ACKNOWLEDGE (Linux's del_vqs
+    writes queue_select and the vectors after virtio_reset_device): a restarted daemon reads
+    them back as written, and holds exactly the hub references they name."""
+    region = bytearray(DeviceStateRegion.size_for(1, RngDevice().max_queue_size))
+    book = VectorBook()
+    with memfd(1 << 20, "pci-test") as fd, GuestMemory.from_memfd(fd, 1 << 20) as memory:
+        first = _restarted(memory, region, book)
+        await first.write(L.common + CommonCfg.DEVICE_STATUS, 1, Status.ACKNOWLEDGE)
+        await first.write(L.common + CommonCfg.DEVICE_STATUS, 1, 0)
+        for field, size, value in [
+            (CommonCfg.CONFIG_MSIX_VECTOR, 2, 0),
+            (CommonCfg.QUEUE_MSIX_VECTOR, 2, 1),
+            (CommonCfg.QUEUE_SIZE, 2, 16),
+            (CommonCfg.DEVICE_FEATURE_SELECT, 4, 1),
+            (CommonCfg.DRIVER_FEATURE_SELECT, 4, 1),
+            (CommonCfg.QUEUE_SELECT, 2, 5),
+        ]:
+            await first.write(L.common + field, size, value)
+        assert first.status == 0
+        image = [first.read(L.common + at, 4) for at in range(0, COMMON_CFG.size, 4)]
+
+        second = _restarted(memory, region, book)
+        assert [second.read(L.common + at, 4) for at in range(0, COMMON_CFG.size, 4)] == image
+        assert second.vector_uses() == book.uses == {0: 1, 1: 1}
+        calls = len(book.calls)
+        await second.reconcile_vectors(dict(book.uses))
+        assert len(book.calls) == calls  # nothing to give back or take again
+        await second.write(L.common + CommonCfg.QUEUE_SELECT, 2, 0)
+        assert second.read(L.common + CommonCfg.QUEUE_SIZE, 2) == 16
 
 
 async def test_reconcile_uses_what_the_hub_lacks_and_clears_what_it_refuses() -> None:

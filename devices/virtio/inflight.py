@@ -5,7 +5,9 @@ and hands it to every incarnation of the device's daemon. Two things live there:
 
 * the transport registers (features, status, vectors, queue addresses...), rewritten after
   every register write, so a daemon killed with SIGKILL comes back with the device as the
-  driver left it;
+  driver left it, whatever its status: a driver may write registers while the status is 0
+  (Linux rewrites queue_select and the vectors after its reset, in ``del_vqs``), and the
+  device must go on reading them back;
 * per queue, the in-flight log (the idea of vhost-user's inflight region): which descriptor
   heads were taken from the available ring and not yet returned on the used ring.
 
@@ -14,7 +16,8 @@ Layout (little-endian; version 1)::
     0    magic "MXDS", le16 version, le16 num_queues, le16 max_queue_size, 6 reserved
     16   transport: le64 driver_features, le16 config_msix_vector, u8 device_status,
                     u8 config_generation, le32 device_feature_select,
-                    le32 driver_feature_select, le16 queue_select, 10 reserved
+                    le32 driver_feature_select, le16 queue_select, u8 reset_pending,
+                    9 reserved
     48   queue block q at 48 + q * (48 + 16 * max_queue_size):
          +0  le64 desc, le64 driver, le64 device, le16 size, le16 msix_vector,
              u8 enabled, u8 broken, u8 inflight_valid, u8 reserved,
@@ -23,6 +26,10 @@ Layout (little-endian; version 1)::
 
 Write order, so that a kill between any two stores is recoverable:
 
+* registers: a reset rewrites them all, so it sets ``reset_pending`` first and every save
+  clears it last; a region where it is set (a reset cut short, or a blank region) restores
+  as a reset device. Any other save changes one register, whose bytes are the only ones
+  that differ.
 * take(head), right after the chain at ``last_avail_idx`` was read and checked, and before
   the next one: ``counter`` then ``inflight = 1``. Takes are logged in avail order, so the
   taken heads are always exactly ``used_idx + (number of flags set)`` avail entries.
@@ -70,6 +77,7 @@ _ENTRY_SIZE = _ENTRY.size
 _TRANSPORT_AT = 16
 _QUEUES_AT = 48
 _QUEUE_HEADER = 48
+_RESET_PENDING_AT = _TRANSPORT_AT + _TRANSPORT.size
 _VALID_AT = 30  # inflight_valid inside a queue block
 _USED_AT = 32
 _LAST_BATCH_AT = 34
@@ -254,6 +262,7 @@ class DeviceStateRegion:
     def _format(self) -> None:
         _HEADER.pack_into(self._buf, 0, bytes(4), VERSION, self.num_queues, self.max_queue_size)
         self.save(TransportState(queues=[QueueRegisters() for _ in range(self.num_queues)]))
+        self._buf[_RESET_PENDING_AT] = 1  # no driver wrote these: the device starts reset
         self._buf[0:4] = MAGIC  # last: a half-formatted region still reads as blank
 
     def _queue_at(self, q: int) -> int:
@@ -278,10 +287,17 @@ class DeviceStateRegion:
             features, config_vector, status, generation, dselect, fselect, qselect, queues
         )
 
-    def save(self, state: TransportState) -> None:
-        """Rewrite the registers; the status byte first, so a kill inside a reset's save
-        leaves status 0, which restores as a reset device whatever else was written."""
-        self._buf[_TRANSPORT_AT + 10] = state.status
+    @property
+    def reset_pending(self) -> bool:
+        """The saved registers are those of a reset cut short (or of a blank region): the
+        device restores as reset, keeping only its configuration generation."""
+        return bool(self._buf[_RESET_PENDING_AT])
+
+    def save(self, state: TransportState, *, reset: bool = False) -> None:
+        """Rewrite the registers. ``reset``: they all change, so :attr:`reset_pending` is
+        set before the first store; every save clears it after the last."""
+        if reset:
+            self._buf[_RESET_PENDING_AT] = 1
         self._buf[_TRANSPORT_AT : _TRANSPORT_AT + _TRANSPORT.size] = _TRANSPORT.pack(
             state.driver_features,
             state.config_msix_vector,
@@ -302,3 +318,4 @@ class DeviceStateRegion:
                 regs.enabled,
                 regs.broken,
             )
+        self._buf[_RESET_PENDING_AT] = 0

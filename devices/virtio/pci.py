@@ -324,12 +324,14 @@ class VirtioPciTransport:
         self._intx = False
         self._isr = 0
         self._busy = False
-        loaded = state.load() if state is not None else None
-        if loaded is None or loaded.status == 0:
-            generation = loaded.config_generation if loaded else 0
-            loaded = _reset_state(device, generation)
-        elif loaded.status & Status.FEATURES_OK and not device.negotiate(loaded.driver_features):
-            raise DeviceStateError("the device refuses the features saved in its state region")
+        if state is None:
+            loaded = _reset_state(device, generation=0)
+        elif state.reset_pending:  # a reset cut short, or a region no driver wrote yet
+            loaded = _reset_state(device, state.load().config_generation)
+        else:  # the registers as the driver left them, whatever the status (even 0)
+            loaded = state.load()
+            if loaded.status & Status.FEATURES_OK and not device.negotiate(loaded.driver_features):
+                raise DeviceStateError("the device refuses the features saved in its region")
         self._st = loaded
         self._queues = [_Queue(regs) for regs in loaded.queues]
         self._resumed = False
@@ -551,7 +553,7 @@ class VirtioPciTransport:
         self._queues = [_Queue(regs) for regs in self._st.queues]
         self._isr = 0
         self._update_intx()
-        self._save()  # before the unuses: the saved vectors stay a subset of the hub's
+        self._save(reset=True)  # before the unuses: the saved vectors stay a subset of the hub's
         if self._region is not None:
             for index in range(len(self._queues)):
                 self._region.queue(index).invalidate()
@@ -616,9 +618,9 @@ class VirtioPciTransport:
         else:
             q.regs.msix_vector = vector
 
-    def _save(self) -> None:
+    def _save(self, *, reset: bool = False) -> None:
         if self._region is not None:
-            self._region.save(self._st)
+            self._region.save(self._st, reset=reset)
 
     def set_memory(self, memory: GuestMemory) -> None:
         """A new memory table; live rings translate their areas again (a ring the new
