@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,34 @@ class CheckList:
         self.say(f"  [{'ok' if passed else 'FAIL'}] {name}: {detail}")
         return passed
 
+    def check_nothing_left_behind(self, pids: set[int], socket_path: Path) -> bool:
+        """After the hub stopped: none of ``pids`` (hub and daemons) alive, socket gone."""
+        left = sorted(pid for pid in pids if _alive(pid))
+        return self.check(
+            "nothing left behind",
+            not left and not socket_path.exists(),
+            f"processes left {left or 'none'}, socket removed: {not socket_path.exists()}",
+        )
+
+
+DeviceEntry = tuple[str, str, list[str]]  # kind, id, daemon arguments
+
+
+def spawning_hub_config(socket_path: Path, devices: Sequence[DeviceEntry]) -> str:
+    """A hub config (TOML) whose hub spawns and supervises ``devices``. Paths and arguments
+    are quoted with JSON's escapes, which TOML's basic strings share (quotes, backslashes)."""
+    text = f'[hub]\nsocket = {json.dumps(str(socket_path))}\nroute_policy = "static"\n'
+    for kind, device_id, args in devices:
+        text += f'\n[[device]]\nkind = "{kind}"\nid = "{device_id}"\nargs = {json.dumps(args)}\n'
+    return text
+
+
+async def wait_until_registered(hub: ManagedProcess, device_ids: Sequence[str]) -> None:
+    """Wait until the hub listens and each of the daemons it spawned registered."""
+    await hub.wait_for_line("hub listening")
+    for device_id in device_ids:
+        await hub.wait_for_line(rf"device {re.escape(device_id)} \(\S+\) registered")
+
 
 @dataclass(slots=True)
 class DemoReport(CheckList):
@@ -76,20 +105,15 @@ async def run_demo(report: DemoReport, seed: int) -> None:
             f.truncate(IMAGE_SIZE)
         socket_path = directory / "hub.sock"
         config = directory / "hub.toml"
-        config.write_text(
-            f'[hub]\nsocket = "{socket_path}"\nroute_policy = "static"\n\n'
-            f'[[device]]\nkind = "virtio-blk"\nid = "blk0"\nargs = ["--image", "{image}"]\n\n'
-            '[[device]]\nkind = "virtio-rng"\nid = "rng0"\n'
-        )
+        devices = [("virtio-blk", "blk0", ["--image", str(image)]), ("virtio-rng", "rng0", [])]
+        config.write_text(spawning_hub_config(socket_path, devices))
         hub = ManagedProcess("hub", msixhub_command("serve", "--config", str(config)))
         daemon_pids: set[int] = set()
         async with trio.open_nursery() as nursery:
             await hub.start(nursery)
             try:
                 with trio.fail_after(TIMEOUT):
-                    await hub.wait_for_line("hub listening")
-                    await hub.wait_for_line(r"device blk0 \(virtio-blk\) registered")
-                    await hub.wait_for_line(r"device rng0 \(virtio-rng\) registered")
+                    await wait_until_registered(hub, ["blk0", "rng0"])
                     print(f"hub pid {hub.pid}: blk0 and rng0 spawned and registered", flush=True)
                     async with (
                         connect(str(socket_path), name="demo-vm") as vm,
@@ -111,12 +135,7 @@ async def run_demo(report: DemoReport, seed: int) -> None:
                 with trio.CancelScope(shield=True):
                     await hub.stop()
                 nursery.cancel_scope.cancel()
-        left = sorted(pid for pid in daemon_pids | {hub.pid} if _alive(pid))
-        report.check(
-            "nothing left behind",
-            not left and not socket_path.exists(),
-            f"processes left {left or 'none'}, socket removed: {not socket_path.exists()}",
-        )
+        report.check_nothing_left_behind(daemon_pids | {hub.pid}, socket_path)
 
 
 async def _exercise(

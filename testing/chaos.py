@@ -75,7 +75,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import trio
-from msixhub.client.demo import CheckList
+from msixhub.client.demo import (
+    CheckList,
+    DeviceEntry,
+    spawning_hub_config,
+    wait_until_registered,
+)
 from msixhub.client.guest import Guest
 from msixhub.client.msix_guest import FUNCTION_MASK, MSIX_ENABLE, set_vector_mask
 from msixhub.client.virtio_driver import BlkDriver
@@ -322,26 +327,15 @@ def _live_child(pid: int, parent: int) -> bool:
     return state != "Z" and int(ppid) == parent
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def hub_config(socket_path: Path, image: Path) -> str:
     shm = ["--name", SHM_NAME, "--size", "1M", "--vectors", str(SHM_VECTORS)]
-    devices: tuple[tuple[str, str, list[str]], ...] = (
+    devices: tuple[DeviceEntry, ...] = (
         ("virtio-blk", "blk0", ["--image", str(image)]),
         ("virtio-rng", "rng0", []),
         ("ivshmem", "shm-a", shm),
         ("ivshmem", "shm-b", shm),
     )
-    text = f'[hub]\nsocket = {json.dumps(str(socket_path))}\nroute_policy = "static"\n'
-    for kind, device_id, args in devices:
-        text += f'\n[[device]]\nkind = "{kind}"\nid = "{device_id}"\nargs = {json.dumps(args)}\n'
-    return text
+    return spawning_hub_config(socket_path, devices)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -1135,9 +1129,7 @@ async def run_campaign(report: ChaosReport) -> None:
             await hub.start(nursery)
             try:
                 with trio.fail_after(SETUP_TIMEOUT + report.seconds + 4 * SETTLE_TIMEOUT):
-                    await hub.wait_for_line("hub listening")
-                    for device in DAEMONS:
-                        await hub.wait_for_line(rf"device {device} \(\S+\) registered")
+                    await wait_until_registered(hub, DAEMONS)
                     report.say(f"hub pid {hub.pid}: {', '.join(DAEMONS)} spawned and registered")
                     async with (
                         hub_status(str(socket_path)) as status,
@@ -1166,12 +1158,7 @@ async def run_campaign(report: ChaosReport) -> None:
         log.new_lines()
         log.close()
         pids = campaign.daemon_pids if campaign is not None else set()
-        left = sorted(pid for pid in pids | {hub.pid} if _alive(pid))
-        report.check(
-            "nothing left behind",
-            not left and not socket_path.exists(),
-            f"processes left {left or 'none'}, socket removed: {not socket_path.exists()}",
-        )
+        report.check_nothing_left_behind(pids | {hub.pid}, socket_path)
         if report.passed:
             log.path.unlink(missing_ok=True)
         else:
