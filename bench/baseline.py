@@ -17,10 +17,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from msixhub.protocol.fds import OwnedFd
+
 _WARMUP_ROUND_TRIPS = 1000
 _BATCH = 200
 _PING = 1
 _STOP = 2  # any other count ends the child; a ping is always read before the next is sent
+GONE = 1 << 32  # what an exit watch writes into the fds it wakes: no ping-pong count comes near
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +59,23 @@ def eventfd_pingpong(seconds: float, *, same_cpu: bool) -> PingPong:
             [sys.executable, "-m", "msixhub.bench.baseline", str(ping), str(pong), str(theirs)],
             pass_fds=(ping, pong),
         )
-        os.eventfd_read(pong)  # the child is pinned and waiting
-        for _ in range(_WARMUP_ROUND_TRIPS):
-            _round_trip(ping, pong)
-        round_trips = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            for _ in range(_BATCH):
+        with (
+            OwnedFd(os.pidfd_open(child.pid), "child-pidfd") as child_exit,
+            ExitWatch(child_exit.fileno(), (pong,)),
+        ):
+            _take(os.eventfd_read(pong))  # the child is pinned and waiting
+            for _ in range(_WARMUP_ROUND_TRIPS):
                 _round_trip(ping, pong)
-            round_trips += _BATCH
-            now = time.perf_counter()
-            if now >= deadline:
-                break
+            round_trips = 0
+            start = time.perf_counter()
+            deadline = start + seconds
+            while True:
+                for _ in range(_BATCH):
+                    _round_trip(ping, pong)
+                round_trips += _BATCH
+                now = time.perf_counter()
+                if now >= deadline:
+                    break
         os.eventfd_write(ping, _STOP)
         if child.wait(timeout=10) != 0:
             raise RuntimeError(f"eventfd ping-pong child exited with {child.returncode}")
@@ -84,7 +91,12 @@ def eventfd_pingpong(seconds: float, *, same_cpu: bool) -> PingPong:
 
 def _round_trip(ping: int, pong: int) -> None:
     os.eventfd_write(ping, _PING)
-    os.eventfd_read(pong)
+    _take(os.eventfd_read(pong))
+
+
+def _take(count: int) -> None:
+    if count != 1:  # GONE: the exit watch woke us
+        raise RuntimeError("the eventfd ping-pong child exited")
 
 
 def _child(ping: int, pong: int, cpu: int) -> None:
@@ -94,6 +106,35 @@ def _child(ping: int, pong: int, cpu: int) -> None:
     os.eventfd_write(pong, 1)
     while os.eventfd_read(ping) == _PING:
         os.eventfd_write(pong, 1)
+
+
+class ExitWatch:
+    """Wakes the blocking reads of ``fds`` if the process behind ``pidfd`` exits, by writing a
+    count no ping-pong makes: a blocking read has no timeout and waits on one fd, so a thread waits
+    on the other side's pidfd for them, off the timed path (blocked in poll, it never takes the
+    GIL from the timed loop)."""
+
+    def __init__(self, pidfd: int, fds: tuple[int, ...]) -> None:
+        self._pidfd, self._fds = pidfd, fds
+        self._stop = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), "exit-watch-stop")
+        self._thread = threading.Thread(target=self._watch, name="exit-watch", daemon=True)
+
+    def _watch(self) -> None:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        poller.register(self._stop.fileno(), select.POLLIN)
+        if any(fd == self._pidfd for fd, _ in poller.poll()):
+            for fd in self._fds:
+                os.eventfd_write(fd, GONE)
+
+    def __enter__(self) -> ExitWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.eventfd_write(self._stop.fileno(), 1)
+        self._thread.join()
+        self._stop.close()
 
 
 def _exit_with_parent(parent: int) -> None:

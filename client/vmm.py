@@ -289,6 +289,13 @@ class AttachedDevice:
             if before[vector] and not self.is_masked(vector):
                 self._start_reading(vector)  # after the ack: the hub has let go
 
+    def mask_function(self) -> None:
+        """The VMM's half of a function mask the hub applies by itself (on a detach): every
+        reader stops now and leaves its count to the hub, and none restarts."""
+        self.control |= FUNCTION_MASK
+        for vector in list(self._readers):
+            self._stop_reading(vector)
+
     def kick(self, queue: int) -> None:
         """Notify ``queue`` (the ioeventfd write a VMM does on the guest's notify access)."""
         if self.by_message and not self.detached and 0 <= queue < self.info.num_queues:
@@ -381,8 +388,10 @@ class AttachedDevice:
         is closed only after its reader is stopped, so the checks also keep a closed, perhaps
         reused, fd number from being read. (A dict lookup, not ``scope.cancel_called``,
         which reads the clock: this runs once per interrupt.)"""
-        queue, readers, number = self.vm.queue, self._readers, fd.fileno()
-        read = NowaitReader().read  # the fd is a blocking file, and others hold it
+        queue, readers = self.vm.queue, self._readers
+        if readers.get(vector) is not scope:
+            return  # stopped before it ran: the fd may be closed already
+        number, read = fd.fileno(), NowaitReader().read  # a blocking file, and others hold it
         with scope:
             try:
                 while True:
@@ -502,10 +511,17 @@ class VmmClient:
             close_all([fd for _, fd in self._attaching.pop(device_id, []) if fd is not None])
 
     async def detach(self, device_id: str) -> None:
-        device = self.devices.pop(device_id)
+        """Hand the device back. The hub function-masks it when it takes the Detach, and
+        reads its eventfds from then on: the VMM does its half of that mask first (it stops
+        reading at once, as for any mask). What the hub sent before it took the Detach is
+        still this VMM's, so the device stays here, its interrupts counted and emitted, until
+        the reply."""
+        device = self.devices[device_id]
+        device.mask_function()
         try:
             await self.peer.call(Detach(device_id))
         finally:
+            self.devices.pop(device_id, None)
             device.close()
 
     async def events(self) -> AsyncIterator[Event]:

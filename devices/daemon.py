@@ -192,6 +192,8 @@ class HubLink:
         """A count left from before a restart makes the fd readable at once: a kick is never
         lost. The read cannot block: the VMM holds the file too, and may clear O_NONBLOCK or
         take the count this reader woke for. The fd is closed only after this is cancelled."""
+        if scope.cancel_called:
+            return  # replaced before it ran: the fd is closed already
         number, read = fd.fileno(), NowaitReader().read
         wait_readable, kicked = trio.lowlevel.wait_readable, self.model.kicked
         with scope:
