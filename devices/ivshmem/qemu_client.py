@@ -85,7 +85,7 @@ class QemuPeer:
     async def wait_rung(self, vector: int) -> int:
         """Wait until our ``vector`` is rung; return the count read (rings coalesce)."""
         fd = self.own_vectors[vector].fileno()
-        while True:  # an msixhub hub gives blocking vector eventfds: read once readable
+        while True:  # read once readable, never blocking: the other peers share the file
             await trio.lowlevel.wait_readable(fd)
             if count := eventfd_read_nowait(fd):
                 return count
