@@ -364,8 +364,10 @@ class MsixCapability:
     def undeliver(self, v: int, count: int) -> None:
         """Take back ``count`` deliveries of ``v`` that never left the hub, now that ``v`` is
         masked (an unsent ``Irq`` the guest masked before it went out): they become ``v``'s
-        pending notification, one pending and the rest coalesced into it -- exactly what the
-        same count unread in ``v``'s eventfd becomes when the hub reads it after the mask.
+        pending notification, one pending and the rest coalesced into it -- what the same
+        count unread in ``v``'s eventfd becomes when the hub reads it after a mask. Not
+        after an MSI-X disable on a function with INTx, where that count would raise INTx:
+        a message the function had queued stays an MSI-X message, pending for the enable.
         If ``v`` lost its last user meanwhile, that pending bit is withdrawn at once
         (``cleared``), as the last ``unuse`` withdraws one. Route statistics are left alone:
         they count routing decisions, and those were made.
