@@ -7,6 +7,7 @@ import importlib
 import json
 
 from msixhub.bench.report import Report
+from msixhub.devices.cli_args import float_in
 
 # name -> module exposing ``measure(seconds: float) -> Report``
 BENCHMARKS: dict[str, str] = {
@@ -22,7 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark")
     parser.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
     parser.add_argument(
-        "--seconds", type=float, default=3.0, help="time budget per measured figure (default 3)"
+        "--seconds",
+        type=float_in(0.05, 3600, "seconds"),
+        default=3.0,
+        help="time budget per measured figure (default 3)",
     )
 
 

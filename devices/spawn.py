@@ -14,7 +14,10 @@ import logging
 import signal
 from typing import Any
 
+from msixhub.protocol.errors import MsixhubError
 from msixhub.server.status import DEFAULT_SOCKET
+
+log = logging.getLogger("msixhub.spawn")
 
 KINDS: dict[str, str] = {
     "testdev": "msixhub.devices.testdev",
@@ -68,13 +71,24 @@ def run(args: argparse.Namespace) -> int:
         trio.run(main)
     except BaseExceptionGroup as group:
         # A daemon that gives up (say, its registration was refused) raises SystemExit with
-        # its status after logging why: exit with that status, not with a traceback.
+        # its status after logging why: exit with that status, not with a traceback. One
+        # that cannot reach the hub or open what it serves says so in one line.
         exits, others = group.split(SystemExit)
-        if exits is None or others is not None:
+        if exits is not None and others is None:
+            leaf = _first(exits)
+            assert isinstance(leaf, SystemExit)
+            return leaf.code if isinstance(leaf.code, int) else 1
+        failures, others = group.split((MsixhubError, OSError))
+        if failures is None or others is not None:
             raise
-        leaf: BaseException = exits
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        assert isinstance(leaf, SystemExit)
-        return leaf.code if isinstance(leaf.code, int) else 1
+        failure = _first(failures)
+        log.error("%s", failure, exc_info=failure if args.verbose else None)
+        return 1
     return 0
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf

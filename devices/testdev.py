@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from msixhub.devices.cli_args import int_in
 from msixhub.devices.daemon import HubLink, NoVectorError, run_device
 from msixhub.protocol.fds import OwnedFd, close_all
-from msixhub.protocol.messages import Bar, DeviceInfo, MsixLayout, Region
+from msixhub.protocol.messages import MAX_QUEUES, MAX_VECTORS, Bar, DeviceInfo, MsixLayout, Region
 
 NOTIFY, DEASSERT, USE, RESULT, UNUSE, INTX, SENT = range(0, 0x38, 8)
 
@@ -101,8 +102,18 @@ class TestDevice:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vectors", type=int, default=4, help="MSI-X table size (default 4)")
-    parser.add_argument("--queues", type=int, default=1, help="kick channels (default 1)")
+    parser.add_argument(
+        "--vectors",
+        type=int_in(1, MAX_VECTORS, "vector count"),
+        default=4,
+        help=f"MSI-X table size, 1..{MAX_VECTORS} (default 4)",
+    )
+    parser.add_argument(
+        "--queues",
+        type=int_in(0, MAX_QUEUES, "queue count"),
+        default=1,
+        help=f"kick channels, 0..{MAX_QUEUES} (default 1)",
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -85,6 +85,7 @@ from msixhub.client.guest import Guest
 from msixhub.client.msix_guest import FUNCTION_MASK, MSIX_ENABLE, set_vector_mask
 from msixhub.client.virtio_driver import BlkDriver
 from msixhub.client.vmm import Interrupt, VmmClient, connect
+from msixhub.devices.cli_args import float_in
 from msixhub.devices.ivshmem.regs import Doorbell, Register
 from msixhub.devices.virtio.blk import BlkStatus, BlkType
 from msixhub.protocol.errors import MsixhubError
@@ -1209,20 +1210,10 @@ def render(report: ChaosReport) -> str:
     return "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
 
 
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 1 <= seconds <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"seconds must be in 1..{MAX_SECONDS:g}")
-    return seconds
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seconds",
-        type=_seconds,
+        type=float_in(1, MAX_SECONDS, "seconds"),
         default=DEFAULT_SECONDS,
         help=f"how long the workloads and faults run (default {DEFAULT_SECONDS:g})",
     )

@@ -40,6 +40,7 @@ import msgpack
 import trio
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from msixhub.devices.cli_args import float_in
 from msixhub.protocol.connection import (
     CLOSING,
     ERROR,
@@ -641,7 +642,12 @@ def fuzz_for(seconds: float, start_seed: int, report: Callable[[str], None] = pr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m msixhub.testing.fuzz", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long to run (default 60)")
+    parser.add_argument(
+        "--seconds",
+        type=float_in(0.1, 7 * 24 * 3600, "seconds"),
+        default=60.0,
+        help="how long to run (default 60)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="first batch seed (default: random)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # refusals are the point; failures are errors

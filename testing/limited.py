@@ -20,6 +20,10 @@ import resource
 import sys
 from collections.abc import Sequence
 
+from msixhub.devices.cli_args import int_in
+
+_LIMIT = int_in(1, (1 << 63) - 1, "limit")
+
 
 def limit_prefix(*, nofile: int | None = None, fsize: int | None = None) -> list[str]:
     """What to put in front of a command to run it under these limits."""
@@ -31,17 +35,10 @@ def limit_prefix(*, nofile: int | None = None, fsize: int | None = None) -> list
     return [*wrapper, "--"]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive limit")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m msixhub.testing.limited")
-    parser.add_argument("--nofile", type=_positive, help="RLIMIT_NOFILE for the command")
-    parser.add_argument("--fsize", type=_positive, help="RLIMIT_FSIZE (bytes) for the command")
+    parser.add_argument("--nofile", type=_LIMIT, help="RLIMIT_NOFILE for the command")
+    parser.add_argument("--fsize", type=_LIMIT, help="RLIMIT_FSIZE (bytes) for the command")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

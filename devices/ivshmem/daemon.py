@@ -28,6 +28,7 @@ import mmap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from msixhub.devices.cli_args import int_in
 from msixhub.devices.daemon import HubLink, open_device
 from msixhub.devices.ivshmem.domain import MAX_VECTORS
 from msixhub.devices.ivshmem.regs import (
@@ -225,16 +226,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _vectors(text: str) -> int:
-    try:
-        vectors = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid vector count {text!r}") from None
-    if not 1 <= vectors <= MAX_VECTORS:
-        raise argparse.ArgumentTypeError(f"vectors must be 1..{MAX_VECTORS}, not {vectors}")
-    return vectors
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", default="ivshmem", help="the shared region to join (default ivshmem)"
@@ -246,7 +237,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="region size, K/M/G suffixes, rounded up to a power of two (default 4M)",
     )
     parser.add_argument(
-        "--vectors", type=_vectors, default=1, help=f"MSI-X vectors, 1..{MAX_VECTORS} (default 1)"
+        "--vectors",
+        type=int_in(1, MAX_VECTORS, "vector count"),
+        default=1,
+        help=f"MSI-X vectors, 1..{MAX_VECTORS} (default 1)",
     )
 
 

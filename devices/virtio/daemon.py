@@ -25,10 +25,12 @@ from collections.abc import Sequence
 
 import trio
 from msixhub.devices import guestmem
+from msixhub.devices.cli_args import power_of_two_up_to
 from msixhub.devices.daemon import HubLink, NoVectorError, run_device
 from msixhub.devices.guestmem import GuestMemory
 from msixhub.devices.testdev import msix_bar_layout
 from msixhub.devices.virtio.blk import BlkDevice
+from msixhub.devices.virtio.constants import MAX_QUEUE_SIZE
 from msixhub.devices.virtio.device import VirtioDevice
 from msixhub.devices.virtio.inflight import DeviceStateRegion
 from msixhub.devices.virtio.pci import (
@@ -42,6 +44,7 @@ from msixhub.devices.virtio.rng import RngDevice
 from msixhub.protocol.fds import OwnedFd, close_all
 from msixhub.protocol.messages import Bar, DeviceInfo, Region, StatusQuery, StatusReport
 
+_QUEUE_SIZE = power_of_two_up_to(MAX_QUEUE_SIZE, "queue size")
 log = logging.getLogger("msixhub.virtio")
 
 VIRTIO_BAR = 4
@@ -377,7 +380,7 @@ def sector_ranges(text: str) -> list[tuple[int, int]]:
 def configure_blk(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="raw image file")
     parser.add_argument("--read-only", action="store_true")
-    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--queue-size", type=_QUEUE_SIZE, default=256)
     parser.add_argument("--serial", default="msixhub")
     parser.add_argument(
         "--fail-sectors",
@@ -404,7 +407,7 @@ async def serve_blk(args: argparse.Namespace) -> None:
 
 
 def configure_rng(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queue-size", type=int, default=64)
+    parser.add_argument("--queue-size", type=_QUEUE_SIZE, default=64)
 
 
 async def serve_rng(args: argparse.Namespace) -> None:
