@@ -167,7 +167,9 @@ async def test_bad_sizes_vectors_and_name_collisions_are_clear_errors(tmp_path: 
     async with ivshmem_hub(tmp_path) as hub, hub_status(hub.socket) as status:
         assert "too large" in await spawn_fails(hub, "--id", "x", "--size", "2G")
         assert "invalid size" in await spawn_fails(hub, "--id", "x", "--size", "lots")
-        assert "vector count must be in 1..64" in await spawn_fails(hub, "--id", "x", "--vectors", "65")
+        assert "vector count must be in 1..64" in await spawn_fails(
+            hub, "--id", "x", "--vectors", "65"
+        )
         # The hub's QEMU socket made domain NAME with 1M and 2 vectors.
         refused = await spawn_fails(hub, "--id", "x", *daemon_args(size="2M"))
         assert (
