@@ -6,31 +6,29 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
     """An integer (decimal, or 0x/0o/0b) in ``low..high``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}: not an integer: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be in {low}..{high}, not {value}")
-        return value
-
-    return parse
+    return _number_in(lambda text: int(text, 0), "an integer", low, high, what)
 
 
 def float_in(low: float, high: float, what: str) -> Callable[[str], float]:
     """A number in ``low..high`` (NaN is not in any range)."""
+    return _number_in(float, "a number", low, high, what)
 
-    def parse(text: str) -> float:
+
+def _number_in(
+    convert: Callable[[str], N], kind: str, low: N, high: N, what: str
+) -> Callable[[str], N]:
+    def parse(text: str) -> N:
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}: not a number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{what}: not {kind}: {text!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{what} must be in {low:g}..{high:g}, not {text}")
         return value
