@@ -252,8 +252,7 @@ class Hub:
         if isinstance(body, Notify):
             self._check_vector(device, body.vector)
             self._handle_outcome(device, body.vector, device.msix.notify(body.vector))
-            if self.routes.has_changes:
-                self._wake_route_worker()
+            self._wake_route_worker()
         elif isinstance(body, SetIntx):
             self._set_intx(device, body.level)
 
@@ -272,8 +271,7 @@ class Hub:
         """A count read from a vector's eventfd by the hub (masked, or its VMM is on the
         message path): ``count`` notifications, taken by the model in one step."""
         self._handle_outcome(device, vector, device.msix.notify_many(vector, count), count)
-        if self.routes.has_changes:
-            self._wake_route_worker()
+        self._wake_route_worker()
 
     def _handle_outcome(
         self, device: Device, vector: int, outcome: Delivery | Outcome, count: int = 1
@@ -360,7 +358,10 @@ class Hub:
     def _wake_route_worker(self, holder: Device | None = None) -> None:
         """Queue what the route table changed on its devices, and have each device's changes
         applied in the background (under its lock) unless they are already on their way or
-        the caller holds that device's lock (``holder``: it applies them itself)."""
+        the caller holds that device's lock (``holder``: it applies them itself). Called per
+        notification: when, as almost always, nothing moved, it does no more than ask."""
+        if not self.routes.has_changes:
+            return
         for device in self._collect_route_changes():
             if device is not holder and not device.route_work_scheduled:
                 device.route_work_scheduled = True
