@@ -63,7 +63,7 @@ from msixhub.testing.system import hub_status
 TARGET_RATIO = 1.1
 ROUNDS = 20
 QUEUE_ROUNDS = 5  # the queue figure runs after the others, in a quarter of the time
-PING, STOP = 0, 1  # vectors: a round trip, and "this phase is over"
+PING, STOP = 0, 1  # vectors: a round trip, and "the queue phase is over"
 _WARMUP = 1000
 _BATCH = 200  # round trips between clock reads (the queue figure)
 _DAEMON_ARGS = ("--name", "bench", "--size", "64K", "--vectors", "2")
@@ -139,12 +139,12 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
             guest = IvshmemGuest(await vm.attach("ping"))
             await guest.setup()
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            ours_fds = [OwnedFd(write_end, "to-pong")]
+            owned_fds = [OwnedFd(write_end, "to-pong")]
             try:
                 # The baseline's eventfds: blocking, private to the two processes.
-                ours_fds.append(OwnedFd(os.eventfd(0, os.EFD_CLOEXEC), "bare-ping"))
-                ours_fds.append(OwnedFd(os.eventfd(0, os.EFD_CLOEXEC), "bare-pong"))
-                to_pong, bare_ping, bare_pong = ours_fds
+                owned_fds.append(OwnedFd(os.eventfd(0, os.EFD_CLOEXEC), "bare-ping"))
+                owned_fds.append(OwnedFd(os.eventfd(0, os.EFD_CLOEXEC), "bare-pong"))
+                to_pong, bare_ping, bare_pong = owned_fds
                 pong = await trio.lowlevel.open_process(
                     [
                         sys.executable,
@@ -160,13 +160,13 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                     pass_fds=(bare_ping.fileno(), bare_pong.fileno()),
                 )
             except BaseException:
-                close_all(ours_fds)
+                close_all(owned_fds)
                 raise
             finally:
                 os.close(read_end)
             try:
                 pong_exit = OwnedFd(os.pidfd_open(pong.pid), "pong-pidfd")
-                ours_fds.append(pong_exit)
+                owned_fds.append(pong_exit)
                 assert pong.stdout is not None
                 with trio.fail_after(30):
                     ready = json.loads(await _read_line(pong.stdout))
@@ -202,7 +202,7 @@ async def _measure(seconds: float, ping_cpu: int, pong_cpu: int) -> Figures:
                 with trio.fail_after(30):
                     assert await pong.wait() == 0
             finally:
-                close_all(ours_fds)
+                close_all(owned_fds)
                 if pong.returncode is None:
                     pong.kill()
                     await pong.wait()
